@@ -1,0 +1,37 @@
+// The one registration of the compiled kernels: CPU (and CUDA when built with it) for the
+// schemas that nat_mm/ops/library.py defines, plus a small Python module for build info.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "na2d_kernels.h"
+
+#define NAT_MM_REGISTER_KERNELS(m, device)                          \
+  m.impl("na2d_qk", &nat_mm::na2d_qk_##device);                     \
+  m.impl("na2d_av", &nat_mm::na2d_av_##device);                     \
+  m.impl("na2d_inverse", &nat_mm::na2d_inverse_##device);           \
+  m.impl("na2d_rpb_grad", &nat_mm::na2d_rpb_grad_##device);         \
+  m.impl("na2d_fused", &nat_mm::na2d_fused_##device);               \
+  m.impl("na2d_fused_backward", &nat_mm::na2d_fused_backward_##device)
+
+TORCH_LIBRARY_IMPL(nat_mm, CPU, m) { NAT_MM_REGISTER_KERNELS(m, cpu); }
+
+#ifdef NAT_MM_WITH_CUDA
+TORCH_LIBRARY_IMPL(nat_mm, CUDA, m) { NAT_MM_REGISTER_KERNELS(m, cuda); }
+#endif
+
+namespace nat_mm {
+const char* cpu_capability();  // defined by the CPU kernels' translation unit
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.def("build_info", []() {
+    pybind11::dict info;
+#ifdef NAT_MM_WITH_CUDA
+    info["cuda_kernels"] = true;
+#else
+    info["cuda_kernels"] = false;
+#endif
+    info["cpu_vector_isa"] = nat_mm::cpu_capability();
+    return info;
+  });
+}

@@ -1,0 +1,14 @@
+"""Neighborhood-attention operators: public functions, reference and backend report.
+
+    from nat_mm.ops import na2d, na2d_qk, na2d_av, backend_info
+"""
+from . import library  # defines the op schemas, fake kernels and autograd
+from . import extension
+from .functional import na2d, na2d_av, na2d_qk
+from .reference import na2d_av_reference, na2d_qk_reference, na2d_reference
+
+extension.load()
+backend_info = extension.backend_info
+
+__all__ = ['na2d', 'na2d_qk', 'na2d_av', 'backend_info', 'na2d_reference',
+           'na2d_qk_reference', 'na2d_av_reference']

@@ -1,0 +1,107 @@
+"""Pure-PyTorch kernels for devices the compiled extension does not serve.
+
+Registered per dispatch key only where the extension registered nothing, and each one
+warns once the first time it runs, so a slow path is never taken silently.
+"""
+import warnings
+
+import torch
+
+from . import reference
+from .library import lse_dtype, qualified
+
+BUILD_HINT = ('build the extension with `pip install -e . --no-build-isolation` '
+              '(see README)')
+_warned = set()
+
+
+def _warn_once(device_type: str) -> None:
+    if device_type in _warned:
+        return
+    _warned.add(device_type)
+    warnings.warn(f'nat_mm: no compiled neighborhood-attention kernels for {device_type}; '
+                  f'using the slow pure-PyTorch reference. To get the fast kernels, '
+                  f'{BUILD_HINT}.', RuntimeWarning, stacklevel=3)
+
+
+def _qk(query, key, rpb, kernel_size, dilation):
+    _warn_once(query.device.type)
+    return reference.na2d_qk_reference(query, key, kernel_size, dilation, rpb)
+
+
+def _av(attn, value, kernel_size, dilation):
+    _warn_once(value.device.type)
+    return reference.na2d_av_reference(attn, value, kernel_size, dilation)
+
+
+def _inverse(weights, source, kernel_size, dilation):
+    _warn_once(source.device.type)
+    return reference.na2d_inverse_reference(weights, source, kernel_size, dilation)
+
+
+def _rpb_grad(grad_attn, kernel_size, dilation):
+    _warn_once(grad_attn.device.type)
+    return reference.na2d_rpb_grad_reference(grad_attn, kernel_size, dilation)
+
+
+def _logits(query, key, rpb, kernel_size, dilation, scale):
+    acc = lse_dtype(query.dtype)
+    return reference.na2d_qk_reference(query.to(acc) * scale, key.to(acc), kernel_size,
+                                       dilation, None if rpb is None else rpb.to(acc))
+
+
+def _fused(query, key, value, rpb, kernel_size, dilation, scale):
+    _warn_once(query.device.type)
+    logits = _logits(query, key, rpb, kernel_size, dilation, scale)
+    lse = logits.logsumexp(-1)
+    out = reference.na2d_av_reference((logits - lse[..., None]).exp(), value.to(lse.dtype),
+                                      kernel_size, dilation)
+    return out.to(value.dtype), lse
+
+
+def _fused_backward(grad_out, query, key, value, rpb, out, lse, kernel_size, dilation,
+                    scale):
+    _warn_once(query.device.type)
+    acc = lse.dtype
+    grad_out, value = grad_out.to(acc), value.to(acc)
+    probs = (_logits(query, key, rpb, kernel_size, dilation, scale) - lse[..., None]).exp()
+    grad_probs = reference.na2d_qk_reference(grad_out, value, kernel_size, dilation)
+    delta = (grad_out * out.to(acc)).sum(-1, keepdim=True)
+    grad_logits = probs * (grad_probs - delta)
+    grad_q = reference.na2d_av_reference(grad_logits, key.to(acc), kernel_size, dilation)
+    grad_k = reference.na2d_inverse_reference(grad_logits, query.to(acc), kernel_size,
+                                              dilation)
+    grad_v = reference.na2d_inverse_reference(probs, grad_out, kernel_size, dilation)
+    grad_rpb = reference.na2d_rpb_grad_reference(grad_logits, kernel_size, dilation)
+    dtype = query.dtype
+    return ((grad_q * scale).to(dtype), (grad_k * scale).to(dtype), grad_v.to(dtype),
+            grad_rpb.to(dtype))
+
+
+KERNELS = {
+    'na2d_qk': _qk,
+    'na2d_av': _av,
+    'na2d_inverse': _inverse,
+    'na2d_rpb_grad': _rpb_grad,
+    'na2d_fused': _fused,
+    'na2d_fused_backward': _fused_backward,
+}
+
+
+def has_compiled_kernel(name: str, dispatch_key: str) -> bool:
+    return torch._C._dispatch_has_kernel_for_dispatch_key(qualified(name), dispatch_key)
+
+
+def register_missing(dispatch_keys=('CPU', 'CUDA')):
+    """Register the reference for every (op, key) that has no compiled kernel.
+
+    Returns {dispatch key: names of the ops the reference now serves there}.
+    """
+    served = {}
+    for key in dispatch_keys:
+        served[key] = set()
+        for name, fn in KERNELS.items():
+            if not has_compiled_kernel(name, key):
+                torch.library.impl(qualified(name), key)(fn)
+                served[key].add(name)
+    return served

@@ -1,0 +1,149 @@
+"""The ``nat_mm`` operator library: schemas (defined once, here), fake kernels, autograd.
+
+Device kernels come from the C++/CUDA extension ``nat_mm._C`` (``csrc/register.cpp``
+registers them for the CPU and CUDA dispatch keys of these schemas). A device the
+extension does not serve gets the pure-PyTorch kernels of ``fallback.py``, with a
+one-time warning.
+
+Ops (all tensors heads-first ``[B, heads, H, W, ...]``):
+  na2d_qk(query, key, rpb?, kernel_size, dilation)       -> attn [B, h, H, W, kh*kw]
+  na2d_av(attn, value, kernel_size, dilation)            -> out  [B, h, H, W, D]
+  na2d_inverse(weights, source, kernel_size, dilation)   -> per-key sum of weights*source
+  na2d_rpb_grad(grad_attn, kernel_size, dilation)        -> [heads, 2kh-1, 2kw-1]
+  na2d_fused(query, key, value, rpb?, kernel_size, dilation, scale) -> (out, lse)
+  na2d_fused_backward(grad_out, query, key, value, rpb?, out, lse, kernel_size,
+                      dilation, scale) -> (grad_query, grad_key, grad_value, grad_rpb)
+``lse`` (the log-sum-exp of each query's logits) is float32 (float64 for float64 input).
+"""
+import torch
+
+NAMESPACE = 'nat_mm'
+SCHEMAS = {
+    'na2d_qk': 'na2d_qk(Tensor query, Tensor key, Tensor? rpb, int[2] kernel_size, '
+               'int[2] dilation) -> Tensor',
+    'na2d_av': 'na2d_av(Tensor attn, Tensor value, int[2] kernel_size, int[2] dilation) '
+               '-> Tensor',
+    'na2d_inverse': 'na2d_inverse(Tensor weights, Tensor source, int[2] kernel_size, '
+                    'int[2] dilation) -> Tensor',
+    'na2d_rpb_grad': 'na2d_rpb_grad(Tensor grad_attn, int[2] kernel_size, int[2] dilation) '
+                     '-> Tensor',
+    'na2d_fused': 'na2d_fused(Tensor query, Tensor key, Tensor value, Tensor? rpb, '
+                  'int[2] kernel_size, int[2] dilation, float scale) -> (Tensor, Tensor)',
+    'na2d_fused_backward': 'na2d_fused_backward(Tensor grad_out, Tensor query, Tensor key, '
+                           'Tensor value, Tensor? rpb, Tensor out, Tensor lse, '
+                           'int[2] kernel_size, int[2] dilation, float scale) '
+                           '-> (Tensor, Tensor, Tensor, Tensor)',
+}
+
+_lib = torch.library.Library(NAMESPACE, 'DEF')
+for _schema in SCHEMAS.values():
+    _lib.define(_schema)
+
+
+def qualified(name: str) -> str:
+    return f'{NAMESPACE}::{name}'
+
+
+def op(name: str):
+    return getattr(torch.ops.nat_mm, name).default
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------- fake (meta) kernels
+@torch.library.register_fake(qualified('na2d_qk'))
+def _qk_fake(query, key, rpb, kernel_size, dilation):
+    return query.new_empty((*query.shape[:4], kernel_size[0] * kernel_size[1]))
+
+
+@torch.library.register_fake(qualified('na2d_av'))
+def _av_fake(attn, value, kernel_size, dilation):
+    return value.new_empty(value.shape)
+
+
+@torch.library.register_fake(qualified('na2d_inverse'))
+def _inverse_fake(weights, source, kernel_size, dilation):
+    return source.new_empty(source.shape)
+
+
+@torch.library.register_fake(qualified('na2d_rpb_grad'))
+def _rpb_grad_fake(grad_attn, kernel_size, dilation):
+    return grad_attn.new_empty(
+        (grad_attn.shape[1], 2 * kernel_size[0] - 1, 2 * kernel_size[1] - 1))
+
+
+@torch.library.register_fake(qualified('na2d_fused'))
+def _fused_fake(query, key, value, rpb, kernel_size, dilation, scale):
+    return (value.new_empty(value.shape),
+            query.new_empty(query.shape[:4], dtype=lse_dtype(query.dtype)))
+
+
+@torch.library.register_fake(qualified('na2d_fused_backward'))
+def _fused_backward_fake(grad_out, query, key, value, rpb, out, lse, kernel_size,
+                         dilation, scale):
+    heads = query.shape[1]
+    return (query.new_empty(query.shape), key.new_empty(key.shape),
+            value.new_empty(value.shape),
+            query.new_empty((heads, 2 * kernel_size[0] - 1, 2 * kernel_size[1] - 1)))
+
+
+# ---------------------------------------------------------------- autograd
+def _qk_setup(ctx, inputs, output):
+    query, key, rpb, kernel_size, dilation = inputs
+    ctx.save_for_backward(query, key)
+    ctx.window = (kernel_size, dilation)
+
+
+def _qk_backward(ctx, grad_attn):
+    query, key = ctx.saved_tensors
+    kernel_size, dilation = ctx.window
+    grad_attn = grad_attn.contiguous()
+    need_q, need_k, need_rpb = ctx.needs_input_grad[:3]
+    grad_q = op('na2d_av')(grad_attn, key, kernel_size, dilation) if need_q else None
+    grad_k = op('na2d_inverse')(grad_attn, query, kernel_size, dilation) if need_k else None
+    grad_rpb = op('na2d_rpb_grad')(grad_attn, kernel_size, dilation) if need_rpb else None
+    return grad_q, grad_k, grad_rpb, None, None
+
+
+def _av_setup(ctx, inputs, output):
+    attn, value, kernel_size, dilation = inputs
+    ctx.save_for_backward(attn, value)
+    ctx.window = (kernel_size, dilation)
+
+
+def _av_backward(ctx, grad_out):
+    attn, value = ctx.saved_tensors
+    kernel_size, dilation = ctx.window
+    grad_out = grad_out.contiguous()
+    need_attn, need_value = ctx.needs_input_grad[:2]
+    grad_attn = (op('na2d_qk')(grad_out, value, None, kernel_size, dilation)
+                 if need_attn else None)
+    grad_value = (op('na2d_inverse')(attn, grad_out, kernel_size, dilation)
+                  if need_value else None)
+    return grad_attn, grad_value, None, None
+
+
+def _fused_setup(ctx, inputs, output):
+    query, key, value, rpb, kernel_size, dilation, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(query, key, value, rpb, out, lse)
+    ctx.window = (kernel_size, dilation, scale)
+
+
+def _fused_backward(ctx, grad_out, grad_lse):
+    query, key, value, rpb, out, lse = ctx.saved_tensors
+    kernel_size, dilation, scale = ctx.window
+    grads = op('na2d_fused_backward')(grad_out.contiguous(), query, key, value, rpb, out,
+                                      lse, kernel_size, dilation, scale)
+    grad_q, grad_k, grad_v, grad_rpb = grads
+    if rpb is None:
+        grad_rpb = None
+    return grad_q, grad_k, grad_v, grad_rpb, None, None, None
+
+
+torch.library.register_autograd(qualified('na2d_qk'), _qk_backward, setup_context=_qk_setup)
+torch.library.register_autograd(qualified('na2d_av'), _av_backward, setup_context=_av_setup)
+torch.library.register_autograd(qualified('na2d_fused'), _fused_backward,
+                                setup_context=_fused_setup)
