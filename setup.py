@@ -33,19 +33,20 @@ def extensions():
     sources += sorted(os.path.relpath(p, here) for p in glob.glob(os.path.join(csrc, 'cpu', '*.cpp')))
     arch = os.environ.get('NAT_MM_CPU_ARCH', 'native')
     cxx = ['-O3', '-std=c++17' if torch.__version__ < '2.10' else '-std=c++20',
-           f'-march={arch}', '-fno-math-errno']
+           f'-march={arch}', '-fno-math-errno', '-fopenmp']  # at::parallel_for is OpenMP
     include_dirs = [csrc]
     with_cuda = _cuda_wanted(torch.version.cuda is not None and CUDA_HOME is not None)
     if not with_cuda:
         return [CppExtension('nat_mm._C', sources, include_dirs=include_dirs,
-                             extra_compile_args={'cxx': cxx})]
+                             extra_compile_args={'cxx': cxx}, extra_link_args=['-fopenmp'])]
     os.environ.setdefault('TORCH_CUDA_ARCH_LIST', '8.0;9.0')
     sources += sorted(os.path.relpath(p, here) for p in glob.glob(os.path.join(csrc, 'cuda', '*.cu')))
     nvcc = ['-O3', '--use_fast_math', '--expt-relaxed-constexpr', '-lineinfo',
             '-std=c++20' if torch.__version__ >= '2.10' else '-std=c++17']
     return [CUDAExtension('nat_mm._C', sources, include_dirs=include_dirs,
                           define_macros=[('NAT_MM_WITH_CUDA', None)],
-                          extra_compile_args={'cxx': cxx, 'nvcc': nvcc})]
+                          extra_compile_args={'cxx': cxx, 'nvcc': nvcc},
+                          extra_link_args=['-fopenmp'])]
 
 
 def main():

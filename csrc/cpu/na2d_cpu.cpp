@@ -1,0 +1,601 @@
+// CPU kernels of 2D neighborhood attention (float, double; half/bfloat16 via float).
+//
+// Layout: every map is heads-first [B, heads, H, W, C] and contiguous; a "plane" is one
+// (batch, head) pair. Work is split over (plane, query row) with at::parallel_for.
+//
+// Three access patterns build every op:
+//  * window scores  s[q, n] = a[q] . b[key(q, n)]  (QK, and grad_attn of AV). Vectorized
+//    over the neighbors of one window row: b is first copied to a [row][channel][column]
+//    layout with the columns of each dilation residue class side by side, so a window row
+//    is a contiguous run and one FMA updates up to a vector's width of neighbors.
+//  * weighted sum   o[q] = sum_n w[q, n] b[key(q, n)]  (AV, and grad_query). Vectorized
+//    over channels, several independent accumulators to hide FMA latency.
+//  * inverse sum    o[k] = sum_(q, n): key(q, n) = k  w[q, n] a[q]  (grad_key, grad_value).
+//    A gather over the queries that see key k (axis_inverse), so no two tasks write the
+//    same output: deterministic without atomics.
+// The rpb gradient is reduced per (plane, row) into fp32/fp64 partial sums, then summed in
+// a fixed order: bit-identical for any thread count.
+#include "vec_isa.h"  // must precede the ATen headers
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "na2d_index.h"
+#include "na2d_kernels.h"
+
+namespace nat_mm {
+
+const char* cpu_capability() { return NAT_MM_CPU_ISA; }
+
+namespace {
+
+template <typename T>
+using Vec = at::vec::Vectorized<T>;
+
+// ------------------------------------------------------------------ shapes and checks
+struct Geometry {
+  int64_t batch, heads, planes, H, W, D, kh, kw, dh, dw;
+
+  Geometry(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef dilation) {
+    TORCH_CHECK(x.dim() == 5, "nat_mm: expected a 5-D [batch, heads, height, width, dim] "
+                "tensor, got ", x.sizes());
+    TORCH_CHECK(kernel_size.size() == 2 && dilation.size() == 2,
+                "nat_mm: kernel_size and dilation must have two entries");
+    batch = x.size(0);
+    heads = x.size(1);
+    planes = batch * heads;
+    H = x.size(2);
+    W = x.size(3);
+    D = x.size(4);
+    kh = kernel_size[0];
+    kw = kernel_size[1];
+    dh = dilation[0];
+    dw = dilation[1];
+    TORCH_CHECK(kh >= 3 && kw >= 3 && kh % 2 == 1 && kw % 2 == 1,
+                "nat_mm: kernel_size must be odd and >= 3, got ", kernel_size);
+    TORCH_CHECK(dh >= 1 && dw >= 1, "nat_mm: dilation must be >= 1, got ", dilation);
+    TORCH_CHECK(H >= kh * dh && W >= kw * dw, "nat_mm: the map (", H, "x", W,
+                ") is smaller than kernel_size*dilation (", kh * dh, "x", kw * dw, ")");
+  }
+  int64_t window() const { return kh * kw; }
+  int64_t bias_bins() const { return (2 * kh - 1) * (2 * kw - 1); }
+};
+
+void check_cpu_like(const at::Tensor& x, const char* name, const at::Tensor& ref,
+                    at::IntArrayRef sizes) {
+  TORCH_CHECK(x.device().is_cpu(), "nat_mm: ", name, " must be a CPU tensor");
+  TORCH_CHECK(x.scalar_type() == ref.scalar_type(), "nat_mm: ", name, " has dtype ",
+              x.scalar_type(), ", expected ", ref.scalar_type());
+  TORCH_CHECK(x.sizes() == sizes, "nat_mm: ", name, " has shape ", x.sizes(), ", expected ",
+              sizes);
+}
+
+std::vector<int64_t> attn_sizes(const Geometry& g) {
+  return {g.batch, g.heads, g.H, g.W, g.window()};
+}
+
+void check_rpb(const std::optional<at::Tensor>& rpb, const at::Tensor& ref,
+               const Geometry& g) {
+  if (rpb.has_value()) {
+    check_cpu_like(*rpb, "rpb", ref, {g.heads, 2 * g.kh - 1, 2 * g.kw - 1});
+  }
+}
+
+// Kernels compute in float (double for double input); half/bfloat16 are converted once.
+at::ScalarType compute_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+at::Tensor as_compute(const at::Tensor& x) {
+  return x.to(compute_type(x)).contiguous();
+}
+
+// Window start (sub-grid units) of every index of one axis.
+std::vector<int64_t> window_starts(int64_t length, int64_t kernel, int64_t dilation) {
+  std::vector<int64_t> starts(length);
+  for (int64_t i = 0; i < length; ++i) starts[i] = axis_window(i, length, kernel, dilation).start;
+  return starts;
+}
+
+// Columns reordered so that each dilation residue class is contiguous: a window row of
+// any query is then positions [base, base + kw).
+struct ColumnOrder {
+  std::vector<int64_t> offset;  // first position of each residue class
+  int64_t dilation;
+
+  ColumnOrder(int64_t width, int64_t dilation_) : offset(dilation_), dilation(dilation_) {
+    int64_t pos = 0;
+    for (int64_t r = 0; r < dilation; ++r) {
+      offset[r] = pos;
+      pos += subgrid_length(width, dilation, r);
+    }
+  }
+  int64_t position(int64_t column) const {
+    return offset[column % dilation] + column / dilation;
+  }
+  int64_t window_base(const AxisWindow& w) const { return offset[w.residue] + w.start; }
+};
+
+// ------------------------------------------------------------------ window scores
+// x [plane][row][col][C] -> [plane][row][C][position], plus one vector of zeroed slack so
+// that full-width loads at the very end stay in bounds.
+template <typename T>
+at::Tensor channels_by_column(const at::Tensor& x, const Geometry& g, const ColumnOrder& order) {
+  constexpr int64_t L = Vec<T>::size();
+  const int64_t rows = g.planes * g.H;
+  at::Tensor out = at::empty({rows * g.D * g.W + L}, x.options());
+  const T* src = x.data_ptr<T>();
+  T* dst = out.data_ptr<T>();
+  std::fill(dst + rows * g.D * g.W, dst + rows * g.D * g.W + L, T(0));
+  std::vector<int64_t> positions(g.W);
+  for (int64_t c = 0; c < g.W; ++c) positions[c] = order.position(c);
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const T* s = src + row * g.W * g.D;
+      T* d = dst + row * g.D * g.W;
+      for (int64_t c = 0; c < g.W; ++c) {
+        for (int64_t ch = 0; ch < g.D; ++ch) d[ch * g.W + positions[c]] = s[c * g.D + ch];
+      }
+    }
+  });
+  return out;
+}
+
+// N accumulators (window row, column chunk) of one query: acc[a] += a[ch] * b_a[ch].
+template <int N, typename T>
+inline void dot_group(const T* a, const T* const* rows, int64_t channel_stride, int64_t D,
+                      T* const* out) {
+  Vec<T> acc[N];
+  for (int i = 0; i < N; ++i) acc[i] = Vec<T>(T(0));
+  for (int64_t ch = 0; ch < D; ++ch) {
+    const Vec<T> av(a[ch]);
+    const int64_t offset = ch * channel_stride;
+    for (int i = 0; i < N; ++i) acc[i] = at::vec::fmadd(av, Vec<T>::loadu(rows[i] + offset), acc[i]);
+  }
+  for (int i = 0; i < N; ++i) acc[i].store(out[i]);
+}
+
+// scores[m * kw + n] = a . b[key row m, neighbor n] for one query. `scores` needs
+// window() + vector-width entries: chunk stores spill past a row's end and are overwritten
+// by the next row (stores go in increasing order).
+template <typename T>
+void window_scores(const T* a, const T* b_plane, const AxisWindow& rw, int64_t column_base,
+                   const Geometry& g, T* scores) {
+  constexpr int64_t L = Vec<T>::size();
+  constexpr int kGroup = 8;
+  const int64_t chunks = (g.kw + L - 1) / L;
+  const int64_t total = g.kh * chunks;
+  const int64_t row_stride = g.D * g.W;
+  const T* rows[kGroup];
+  T* out[kGroup];
+  for (int64_t first = 0; first < total; first += kGroup) {
+    const int n = static_cast<int>(std::min<int64_t>(kGroup, total - first));
+    for (int i = 0; i < n; ++i) {
+      const int64_t m = (first + i) / chunks, c = (first + i) % chunks;
+      rows[i] = b_plane + rw.key(m) * row_stride + column_base + c * L;
+      out[i] = scores + m * g.kw + c * L;
+    }
+    switch (n) {
+      case 8: dot_group<8>(a, rows, g.W, g.D, out); break;
+      case 7: dot_group<7>(a, rows, g.W, g.D, out); break;
+      case 6: dot_group<6>(a, rows, g.W, g.D, out); break;
+      case 5: dot_group<5>(a, rows, g.W, g.D, out); break;
+      case 4: dot_group<4>(a, rows, g.W, g.D, out); break;
+      case 3: dot_group<3>(a, rows, g.W, g.D, out); break;
+      case 2: dot_group<2>(a, rows, g.W, g.D, out); break;
+      default: dot_group<1>(a, rows, g.W, g.D, out); break;
+    }
+  }
+}
+
+// scores[m * kw + n] += rpb[head, bias row of m, bias column of n].
+template <typename T>
+void add_bias(T* scores, const T* rpb_head, const AxisWindow& rw, const AxisWindow& cw,
+              const Geometry& g) {
+  const int64_t bias_width = 2 * g.kw - 1;
+  for (int64_t m = 0; m < g.kh; ++m) {
+    const T* bias = rpb_head + rw.bias(m, g.kh) * bias_width + cw.bias(0, g.kw);
+    T* s = scores + m * g.kw;
+    for (int64_t n = 0; n < g.kw; ++n) s[n] += bias[n];
+  }
+}
+
+// ------------------------------------------------------------------ weighted sums
+// out[d0 : d0 + C*L] = sum_t w[t] * src[t][d0 : ...], with G independent partial sums.
+template <int C, typename T>
+inline void weighted_sum_block(const T* w, const T* const* src, int64_t terms, int64_t d0,
+                               T* out) {
+  constexpr int64_t L = Vec<T>::size();
+  constexpr int G = C >= 3 ? 2 : 8 / C;
+  Vec<T> acc[G][C];
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < C; ++c) acc[g][c] = Vec<T>(T(0));
+  int64_t t = 0;
+  for (; t + G <= terms; t += G) {
+    for (int g = 0; g < G; ++g) {
+      const Vec<T> wt(w[t + g]);
+      const T* s = src[t + g] + d0;
+      for (int c = 0; c < C; ++c) acc[g][c] = at::vec::fmadd(wt, Vec<T>::loadu(s + c * L), acc[g][c]);
+    }
+  }
+  for (; t < terms; ++t) {
+    const Vec<T> wt(w[t]);
+    const T* s = src[t] + d0;
+    for (int c = 0; c < C; ++c) acc[0][c] = at::vec::fmadd(wt, Vec<T>::loadu(s + c * L), acc[0][c]);
+  }
+  for (int c = 0; c < C; ++c) {
+    Vec<T> sum = acc[0][c];
+    for (int g = 1; g < G; ++g) sum = sum + acc[g][c];
+    sum.store(out + d0 + c * L);
+  }
+}
+
+// out[0:D] = sum_t w[t] * src[t][0:D].
+template <typename T>
+void weighted_sum(const T* w, const T* const* src, int64_t terms, int64_t D, T* out) {
+  constexpr int64_t L = Vec<T>::size();
+  int64_t d0 = 0;
+  for (; d0 + L <= D; d0 += 4 * L) {
+    switch (std::min<int64_t>(4, (D - d0) / L)) {
+      case 4: weighted_sum_block<4>(w, src, terms, d0, out); break;
+      case 3: weighted_sum_block<3>(w, src, terms, d0, out); break;
+      case 2: weighted_sum_block<2>(w, src, terms, d0, out); break;
+      default: weighted_sum_block<1>(w, src, terms, d0, out); break;
+    }
+  }
+  for (int64_t d = D - D % L; d < D; ++d) {  // channels past the last full vector
+    T sum = T(0);
+    for (int64_t t = 0; t < terms; ++t) sum += w[t] * src[t][d];
+    out[d] = sum;
+  }
+}
+
+// Pointers to the kh*kw neighbors of one query in a [plane][row][col][C] map.
+template <typename T>
+void neighbor_rows(const T* plane, const AxisWindow& rw, const AxisWindow& cw,
+                   const Geometry& g, const T** out) {
+  for (int64_t m = 0; m < g.kh; ++m) {
+    const T* row = plane + rw.key(m) * g.W * g.D;
+    for (int64_t n = 0; n < g.kw; ++n) out[m * g.kw + n] = row + cw.key(n) * g.D;
+  }
+}
+
+// ------------------------------------------------------------------ inverse sums
+// out[key] = sum over the (query, neighbor) pairs that reach key of w[q, n] * a[q].
+// Parallel over key rows; each key gathers its own terms.
+template <typename T>
+void inverse_sum(const T* w, const T* a, const Geometry& g, T* out) {
+  const std::vector<int64_t> row_starts = window_starts(g.H, g.kh, g.dh);
+  const std::vector<int64_t> col_starts = window_starts(g.W, g.kw, g.dw);
+  at::parallel_for(0, g.planes * g.H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> weights;
+    std::vector<const T*> sources;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t p = task / g.H, r = task % g.H;
+      const InverseRange rows = axis_inverse(r, g.H, g.kh, g.dh);
+      const int64_t r_sub = r / g.dh;
+      for (int64_t c = 0; c < g.W; ++c) {
+        const InverseRange cols = axis_inverse(c, g.W, g.kw, g.dw);
+        const int64_t c_sub = c / g.dw;
+        weights.clear();
+        sources.clear();
+        for (int64_t qs = rows.first; qs <= rows.last; ++qs) {
+          const int64_t qi = rows.query(qs);
+          const int64_t m = r_sub - row_starts[qi];
+          for (int64_t ks = cols.first; ks <= cols.last; ++ks) {
+            const int64_t qj = cols.query(ks);
+            const int64_t n = c_sub - col_starts[qj];
+            const int64_t q = (p * g.H + qi) * g.W + qj;
+            weights.push_back(w[q * g.window() + m * g.kw + n]);
+            sources.push_back(a + q * g.D);
+          }
+        }
+        weighted_sum(weights.data(), sources.data(), static_cast<int64_t>(weights.size()), g.D,
+                     out + ((p * g.H + r) * g.W + c) * g.D);
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------ rpb gradient
+// Accumulate one query's window gradients into its plane-row's bias bins.
+template <typename T, typename Acc>
+void accumulate_bias_grad(const T* grad, const AxisWindow& rw, const AxisWindow& cw,
+                          const Geometry& g, Acc* bins) {
+  const int64_t bias_width = 2 * g.kw - 1;
+  for (int64_t m = 0; m < g.kh; ++m) {
+    Acc* row = bins + rw.bias(m, g.kh) * bias_width + cw.bias(0, g.kw);
+    const T* gr = grad + m * g.kw;
+    for (int64_t n = 0; n < g.kw; ++n) row[n] += static_cast<Acc>(gr[n]);
+  }
+}
+
+// partial [planes * H, bins] -> [heads, bins], summed over batch and rows in a fixed order.
+at::Tensor reduce_bias_grad(const at::Tensor& partial, const Geometry& g) {
+  at::Tensor out = at::zeros({g.heads, 2 * g.kh - 1, 2 * g.kw - 1}, partial.options());
+  AT_DISPATCH_FLOATING_TYPES(partial.scalar_type(), "nat_mm_reduce_bias_grad", [&] {
+    const scalar_t* src = partial.data_ptr<scalar_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    const int64_t bins = g.bias_bins();
+    at::parallel_for(0, g.heads, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t h = begin; h < end; ++h) {
+        for (int64_t b = 0; b < g.batch; ++b) {
+          for (int64_t i = 0; i < g.H; ++i) {
+            const scalar_t* row = src + ((b * g.heads + h) * g.H + i) * bins;
+            for (int64_t k = 0; k < bins; ++k) dst[h * bins + k] += row[k];
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
+
+// ------------------------------------------------------------------ softmax
+// In place: s <- softmax(s); returns log(sum(exp(s))). Non-finite logits give NaN as in
+// torch.softmax (inf - inf), never a silently finite answer.
+template <typename T>
+T softmax_in_place(T* s, int64_t count) {
+  constexpr int64_t L = Vec<T>::size();
+  T max = -std::numeric_limits<T>::infinity();
+  for (int64_t i = 0; i < count; ++i) max = std::max(max, s[i]);
+  const Vec<T> vmax(max);
+  int64_t i = 0;
+  for (; i + L <= count; i += L) (Vec<T>::loadu(s + i) - vmax).exp().store(s + i);
+  if (i < count) (Vec<T>::loadu(s + i, count - i) - vmax).exp().store(s + i, count - i);
+  T sum = T(0);
+  for (int64_t k = 0; k < count; ++k) sum += s[k];
+  const T inv = T(1) / sum;
+  for (int64_t k = 0; k < count; ++k) s[k] *= inv;
+  return max + std::log(sum);
+}
+
+// Everything one query row needs: its window rows and every column's window.
+struct QueryRow {
+  int64_t plane, row;
+  AxisWindow rw;
+};
+
+template <typename F>
+void for_each_query_row(const Geometry& g, F&& body) {
+  at::parallel_for(0, g.planes * g.H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      QueryRow q{task / g.H, task % g.H, axis_window(task % g.H, g.H, g.kh, g.dh)};
+      body(q);
+    }
+  });
+}
+
+template <typename T>
+const T* optional_data(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+}  // namespace
+
+// ================================================================== ops
+at::Tensor na2d_qk_cpu(const at::Tensor& query, const at::Tensor& key,
+                       const std::optional<at::Tensor>& rpb, at::IntArrayRef kernel_size,
+                       at::IntArrayRef dilation) {
+  const Geometry g(query, kernel_size, dilation);
+  check_cpu_like(query, "query", query, query.sizes());
+  check_cpu_like(key, "key", query, query.sizes());
+  check_rpb(rpb, query, g);
+  const at::Tensor q = as_compute(query), k = as_compute(key);
+  const at::Tensor bias = rpb.has_value() ? as_compute(*rpb) : at::Tensor();
+  at::Tensor attn = at::empty(attn_sizes(g), q.options());
+  const ColumnOrder order(g.W, g.dw);
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "nat_mm_na2d_qk_cpu", [&] {
+    using T = scalar_t;
+    const at::Tensor kt = channels_by_column<T>(k, g, order);
+    const T *qp = q.data_ptr<T>(), *ktp = kt.data_ptr<T>(), *bp = optional_data<T>(bias);
+    T* out = attn.data_ptr<T>();
+    for_each_query_row(g, [&](const QueryRow& qr) {
+      std::vector<T> scores(g.window() + Vec<T>::size());
+      const T* kt_plane = ktp + qr.plane * g.H * g.D * g.W;
+      for (int64_t j = 0; j < g.W; ++j) {
+        const AxisWindow cw = axis_window(j, g.W, g.kw, g.dw);
+        const int64_t q_index = (qr.plane * g.H + qr.row) * g.W + j;
+        window_scores(qp + q_index * g.D, kt_plane, qr.rw, order.window_base(cw), g,
+                      scores.data());
+        if (bp) add_bias(scores.data(), bp + (qr.plane % g.heads) * g.bias_bins(), qr.rw, cw, g);
+        std::copy(scores.begin(), scores.begin() + g.window(), out + q_index * g.window());
+      }
+    });
+  });
+  return attn.to(query.scalar_type());
+}
+
+at::Tensor na2d_av_cpu(const at::Tensor& attn, const at::Tensor& value,
+                       at::IntArrayRef kernel_size, at::IntArrayRef dilation) {
+  const Geometry g(value, kernel_size, dilation);
+  check_cpu_like(value, "value", value, value.sizes());
+  check_cpu_like(attn, "attn", value, attn_sizes(g));
+  const at::Tensor a = as_compute(attn), v = as_compute(value);
+  at::Tensor out = at::empty(v.sizes(), v.options());
+  AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "nat_mm_na2d_av_cpu", [&] {
+    using T = scalar_t;
+    const T *ap = a.data_ptr<T>(), *vp = v.data_ptr<T>();
+    T* op = out.data_ptr<T>();
+    for_each_query_row(g, [&](const QueryRow& qr) {
+      std::vector<const T*> neighbors(g.window());
+      const T* v_plane = vp + qr.plane * g.H * g.W * g.D;
+      for (int64_t j = 0; j < g.W; ++j) {
+        const AxisWindow cw = axis_window(j, g.W, g.kw, g.dw);
+        const int64_t q_index = (qr.plane * g.H + qr.row) * g.W + j;
+        neighbor_rows(v_plane, qr.rw, cw, g, neighbors.data());
+        weighted_sum(ap + q_index * g.window(), neighbors.data(), g.window(), g.D,
+                     op + q_index * g.D);
+      }
+    });
+  });
+  return out.to(value.scalar_type());
+}
+
+at::Tensor na2d_inverse_cpu(const at::Tensor& weights, const at::Tensor& source,
+                            at::IntArrayRef kernel_size, at::IntArrayRef dilation) {
+  const Geometry g(source, kernel_size, dilation);
+  check_cpu_like(source, "source", source, source.sizes());
+  check_cpu_like(weights, "weights", source, attn_sizes(g));
+  const at::Tensor w = as_compute(weights), a = as_compute(source);
+  at::Tensor out = at::empty(a.sizes(), a.options());
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "nat_mm_na2d_inverse_cpu", [&] {
+    inverse_sum(w.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), g, out.data_ptr<scalar_t>());
+  });
+  return out.to(source.scalar_type());
+}
+
+at::Tensor na2d_rpb_grad_cpu(const at::Tensor& grad_attn, at::IntArrayRef kernel_size,
+                             at::IntArrayRef dilation) {
+  TORCH_CHECK(grad_attn.dim() == 5, "nat_mm: grad_attn must be 5-D, got ", grad_attn.sizes());
+  const Geometry g(grad_attn, kernel_size, dilation);  // D here is the window size
+  TORCH_CHECK(grad_attn.size(4) == g.window(), "nat_mm: grad_attn last dim must be ",
+              g.window());
+  TORCH_CHECK(grad_attn.device().is_cpu(), "nat_mm: grad_attn must be a CPU tensor");
+  const at::Tensor ga = as_compute(grad_attn);
+  at::Tensor partial = at::zeros({g.planes * g.H, g.bias_bins()}, ga.options());
+  AT_DISPATCH_FLOATING_TYPES(ga.scalar_type(), "nat_mm_na2d_rpb_grad_cpu", [&] {
+    using T = scalar_t;
+    const T* gp = ga.data_ptr<T>();
+    T* bins = partial.data_ptr<T>();
+    for_each_query_row(g, [&](const QueryRow& qr) {
+      T* row_bins = bins + (qr.plane * g.H + qr.row) * g.bias_bins();
+      for (int64_t j = 0; j < g.W; ++j) {
+        const AxisWindow cw = axis_window(j, g.W, g.kw, g.dw);
+        const int64_t q_index = (qr.plane * g.H + qr.row) * g.W + j;
+        accumulate_bias_grad(gp + q_index * g.window(), qr.rw, cw, g, row_bins);
+      }
+    });
+  });
+  return reduce_bias_grad(partial, g).to(grad_attn.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> na2d_fused_cpu(const at::Tensor& query,
+                                                  const at::Tensor& key,
+                                                  const at::Tensor& value,
+                                                  const std::optional<at::Tensor>& rpb,
+                                                  at::IntArrayRef kernel_size,
+                                                  at::IntArrayRef dilation, double scale) {
+  const Geometry g(query, kernel_size, dilation);
+  check_cpu_like(query, "query", query, query.sizes());
+  check_cpu_like(key, "key", query, query.sizes());
+  check_cpu_like(value, "value", query, query.sizes());
+  check_rpb(rpb, query, g);
+  const at::Tensor q = as_compute(query), k = as_compute(key), v = as_compute(value);
+  const at::Tensor bias = rpb.has_value() ? as_compute(*rpb) : at::Tensor();
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({g.batch, g.heads, g.H, g.W}, q.options());
+  const ColumnOrder order(g.W, g.dw);
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "nat_mm_na2d_fused_cpu", [&] {
+    using T = scalar_t;
+    const at::Tensor kt = channels_by_column<T>(k, g, order);
+    const T *qp = q.data_ptr<T>(), *ktp = kt.data_ptr<T>(), *vp = v.data_ptr<T>();
+    const T* bp = optional_data<T>(bias);
+    T *op = out.data_ptr<T>(), *lp = lse.data_ptr<T>();
+    const T s = static_cast<T>(scale);
+    for_each_query_row(g, [&](const QueryRow& qr) {
+      std::vector<T> probs(g.window() + Vec<T>::size());
+      std::vector<const T*> neighbors(g.window());
+      const int64_t plane_offset = qr.plane * g.H * g.W * g.D;
+      for (int64_t j = 0; j < g.W; ++j) {
+        const AxisWindow cw = axis_window(j, g.W, g.kw, g.dw);
+        const int64_t q_index = (qr.plane * g.H + qr.row) * g.W + j;
+        window_scores(qp + q_index * g.D, ktp + plane_offset, qr.rw, order.window_base(cw), g,
+                      probs.data());
+        for (int64_t n = 0; n < g.window(); ++n) probs[n] *= s;
+        if (bp) add_bias(probs.data(), bp + (qr.plane % g.heads) * g.bias_bins(), qr.rw, cw, g);
+        lp[q_index] = softmax_in_place(probs.data(), g.window());
+        neighbor_rows(vp + plane_offset, qr.rw, cw, g, neighbors.data());
+        weighted_sum(probs.data(), neighbors.data(), g.window(), g.D, op + q_index * g.D);
+      }
+    });
+  });
+  return {out.to(query.scalar_type()), lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_fused_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
+    const at::Tensor& value, const std::optional<at::Tensor>& rpb, const at::Tensor& out,
+    const at::Tensor& lse, at::IntArrayRef kernel_size, at::IntArrayRef dilation,
+    double scale) {
+  const Geometry g(query, kernel_size, dilation);
+  for (const auto& [t, name] : {std::pair{&grad_out, "grad_out"}, {&key, "key"},
+                                {&value, "value"}, {&out, "out"}}) {
+    check_cpu_like(*t, name, query, query.sizes());
+  }
+  check_rpb(rpb, query, g);
+  TORCH_CHECK(lse.sizes() == query.sizes().slice(0, 4), "nat_mm: lse has shape ",
+              lse.sizes());
+  const at::Tensor q = as_compute(query), k = as_compute(key), v = as_compute(value);
+  const at::Tensor go = as_compute(grad_out), o = as_compute(out);
+  const at::Tensor l = lse.to(q.scalar_type()).contiguous();
+  const at::Tensor bias = rpb.has_value() ? as_compute(*rpb) : at::Tensor();
+  // Probabilities and logit gradients of every query, needed again by the key-side pass.
+  at::Tensor probs = at::empty(attn_sizes(g), q.options());
+  at::Tensor grad_logits = at::empty(attn_sizes(g), q.options());
+  at::Tensor grad_q = at::empty(q.sizes(), q.options());
+  at::Tensor partial = at::zeros({g.planes * g.H, g.bias_bins()}, q.options());
+  const ColumnOrder order(g.W, g.dw);
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "nat_mm_na2d_fused_backward_cpu", [&] {
+    using T = scalar_t;
+    const at::Tensor kt = channels_by_column<T>(k, g, order);
+    const at::Tensor vt = channels_by_column<T>(v, g, order);
+    const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *ktp = kt.data_ptr<T>();
+    const T *vtp = vt.data_ptr<T>(), *gop = go.data_ptr<T>(), *outp = o.data_ptr<T>();
+    const T *lp = l.data_ptr<T>(), *bp = optional_data<T>(bias);
+    T *pp = probs.data_ptr<T>(), *gsp = grad_logits.data_ptr<T>(), *gqp = grad_q.data_ptr<T>();
+    T* bins = partial.data_ptr<T>();
+    const T s = static_cast<T>(scale);
+    for_each_query_row(g, [&](const QueryRow& qr) {
+      const int64_t slack = Vec<T>::size();
+      std::vector<T> p(g.window() + slack), dp(g.window() + slack);
+      std::vector<const T*> neighbors(g.window());
+      const int64_t plane_offset = qr.plane * g.H * g.W * g.D;
+      T* row_bins = bins + (qr.plane * g.H + qr.row) * g.bias_bins();
+      for (int64_t j = 0; j < g.W; ++j) {
+        const AxisWindow cw = axis_window(j, g.W, g.kw, g.dw);
+        const int64_t base = order.window_base(cw);
+        const int64_t q_index = (qr.plane * g.H + qr.row) * g.W + j;
+        const T* gq_in = gop + q_index * g.D;
+        // p = exp(logits - lse), recomputed.
+        window_scores(qp + q_index * g.D, ktp + plane_offset, qr.rw, base, g, p.data());
+        for (int64_t n = 0; n < g.window(); ++n) p[n] *= s;
+        if (bp) add_bias(p.data(), bp + (qr.plane % g.heads) * g.bias_bins(), qr.rw, cw, g);
+        const T lse_q = lp[q_index];
+        for (int64_t n = 0; n < g.window(); ++n) p[n] = std::exp(p[n] - lse_q);
+        // dp = grad_out . v[neighbor];  grad_logits = p * (dp - grad_out . out)
+        window_scores(gq_in, vtp + plane_offset, qr.rw, base, g, dp.data());
+        T delta = T(0);
+        for (int64_t d = 0; d < g.D; ++d) delta += gq_in[d] * outp[q_index * g.D + d];
+        T* ds = gsp + q_index * g.window();
+        for (int64_t n = 0; n < g.window(); ++n) ds[n] = p[n] * (dp[n] - delta);
+        std::copy(p.begin(), p.begin() + g.window(), pp + q_index * g.window());
+        accumulate_bias_grad(ds, qr.rw, cw, g, row_bins);
+        // grad_q = scale * sum_n ds[n] k[neighbor n]
+        neighbor_rows(kp + plane_offset, qr.rw, cw, g, neighbors.data());
+        T* gq = gqp + q_index * g.D;
+        weighted_sum(ds, neighbors.data(), g.window(), g.D, gq);
+        for (int64_t d = 0; d < g.D; ++d) gq[d] *= s;
+      }
+    });
+  });
+  at::Tensor grad_k = at::empty(q.sizes(), q.options());
+  at::Tensor grad_v = at::empty(q.sizes(), q.options());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "nat_mm_na2d_fused_backward_cpu_keys", [&] {
+    using T = scalar_t;
+    inverse_sum(grad_logits.data_ptr<T>(), q.data_ptr<T>(), g, grad_k.data_ptr<T>());
+    inverse_sum(probs.data_ptr<T>(), go.data_ptr<T>(), g, grad_v.data_ptr<T>());
+  });
+  grad_k.mul_(scale);
+  const auto dtype = query.scalar_type();
+  return {grad_q.to(dtype), grad_k.to(dtype), grad_v.to(dtype),
+          reduce_bias_grad(partial, g).to(dtype)};
+}
+
+}  // namespace nat_mm

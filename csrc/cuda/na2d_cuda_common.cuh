@@ -1,0 +1,257 @@
+// Shared pieces of the CUDA neighborhood-attention kernels: geometry, argument checks,
+// launch helpers, warp reductions and the host-side entry points that one translation
+// unit defines and another calls.
+//
+// Only light headers are included (no <torch/extension.h>, no CUDAContext.h and its
+// cuBLAS/cuSPARSE includes) so that every .cu file compiles in seconds.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/Exception.h>
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+#include <tuple>
+
+#include "na2d_index.h"
+
+namespace nat_mm {
+namespace cuda_detail {
+
+// ------------------------------------------------------------------ geometry
+// One problem: tensors [B, heads, H, W, D] heads-first and contiguous, attention maps
+// [B, heads, H, W, kh*kw]. Every field is 64-bit so that index products never overflow.
+struct Geometry {
+  int64_t batch, heads, height, width, dim;
+  int64_t kh, kw, dh, dw;
+  int64_t window;  // kh * kw
+  int64_t bh;      // batch * heads
+  int64_t queries;  // batch * heads * height * width
+  int64_t bias_h, bias_w;  // 2k-1 per axis
+};
+
+inline Geometry make_geometry(const at::Tensor& t, int64_t last_dim, at::IntArrayRef kernel_size,
+                              at::IntArrayRef dilation) {
+  Geometry g;
+  g.batch = t.size(0);
+  g.heads = t.size(1);
+  g.height = t.size(2);
+  g.width = t.size(3);
+  g.dim = last_dim;
+  g.kh = kernel_size[0];
+  g.kw = kernel_size[1];
+  g.dh = dilation[0];
+  g.dw = dilation[1];
+  g.window = g.kh * g.kw;
+  g.bh = g.batch * g.heads;
+  g.queries = g.bh * g.height * g.width;
+  g.bias_h = 2 * g.kh - 1;
+  g.bias_w = 2 * g.kw - 1;
+  return g;
+}
+
+// ------------------------------------------------------------------ argument checks
+// The Python layer validates first; these checks make misuse from C++ (or a bypassed
+// Python layer) raise a c10::Error instead of reading out of bounds.
+inline void check_window_args(at::IntArrayRef kernel_size, at::IntArrayRef dilation) {
+  TORCH_CHECK(kernel_size.size() == 2, "nat_mm: kernel_size must have 2 entries, got ",
+              kernel_size.size());
+  TORCH_CHECK(dilation.size() == 2, "nat_mm: dilation must have 2 entries, got ",
+              dilation.size());
+  for (int a = 0; a < 2; ++a) {
+    TORCH_CHECK(kernel_size[a] >= 1 && kernel_size[a] % 2 == 1,
+                "nat_mm: kernel_size must be odd and positive, got ", kernel_size);
+    TORCH_CHECK(dilation[a] >= 1, "nat_mm: dilation must be >= 1, got ", dilation);
+  }
+}
+
+inline void check_cuda_5d(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.defined(), "nat_mm: ", name, " is undefined");
+  TORCH_CHECK(t.is_cuda(), "nat_mm: ", name, " must be a CUDA tensor, got device ", t.device());
+  TORCH_CHECK(t.dim() == 5, "nat_mm: ", name, " must be 5-D [batch, heads, height, width, C], got ",
+              t.dim(), "-D");
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()) &&
+                  (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble ||
+                   t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16),
+              "nat_mm: ", name, " must be float16, bfloat16, float32 or float64, got ",
+              t.scalar_type());
+}
+
+inline void check_same_device_dtype(const at::Tensor& ref, const char* ref_name,
+                                    const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device() == ref.device(), "nat_mm: ", name, " is on ", t.device(), " but ",
+              ref_name, " is on ", ref.device());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "nat_mm: ", name, " has dtype ",
+              t.scalar_type(), " but ", ref_name, " has ", ref.scalar_type());
+}
+
+inline void check_map_size(const at::Tensor& t, at::IntArrayRef kernel_size,
+                           at::IntArrayRef dilation) {
+  TORCH_CHECK(t.size(2) >= kernel_size[0] * dilation[0] &&
+                  t.size(3) >= kernel_size[1] * dilation[1],
+              "nat_mm: the feature map (", t.size(2), "x", t.size(3),
+              ") is smaller than kernel_size*dilation (", kernel_size[0] * dilation[0], "x",
+              kernel_size[1] * dilation[1], "): pad it");
+}
+
+inline void check_rpb(const std::optional<at::Tensor>& rpb, const at::Tensor& query,
+                      at::IntArrayRef kernel_size) {
+  if (!rpb.has_value() || !rpb->defined()) return;
+  check_same_device_dtype(query, "query", *rpb, "rpb");
+  TORCH_CHECK(rpb->dim() == 3 && rpb->size(0) == query.size(1) &&
+                  rpb->size(1) == 2 * kernel_size[0] - 1 &&
+                  rpb->size(2) == 2 * kernel_size[1] - 1,
+              "nat_mm: rpb must have shape [heads, 2*kernel_h-1, 2*kernel_w-1] = [",
+              query.size(1), ", ", 2 * kernel_size[0] - 1, ", ", 2 * kernel_size[1] - 1,
+              "], got ", rpb->sizes());
+}
+
+inline bool has_rpb(const std::optional<at::Tensor>& rpb) {
+  return rpb.has_value() && rpb->defined();
+}
+
+// ------------------------------------------------------------------ launch helpers
+constexpr int kThreads = 256;
+
+// 1-D grid over an int64 count; kernels loop grid-stride, so the cap only bounds the
+// grid size (gridDim.x allows 2^31-1; y/z are never used).
+inline unsigned int blocks_for(int64_t count, int threads = kThreads) {
+  const int64_t blocks = (count + threads - 1) / threads;
+  const int64_t cap = int64_t(1) << 20;
+  return static_cast<unsigned int>(blocks < 1 ? 1 : (blocks > cap ? cap : blocks));
+}
+
+inline cudaStream_t current_stream(const at::Tensor& t) {
+  return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
+}
+
+struct DeviceLimits {
+  int sm_count = 0;
+  int smem_optin = 0;    // max dynamic shared memory per block after opt-in
+  int smem_default = 0;  // without opt-in
+};
+
+inline DeviceLimits device_limits(int device) {
+  // A handful of devices at most: cache per index (benign race: same values written).
+  static DeviceLimits cache[64];
+  static bool ready[64] = {false};
+  if (device >= 0 && device < 64 && ready[device]) return cache[device];
+  DeviceLimits lim;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&lim.sm_count, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(
+      cudaDeviceGetAttribute(&lim.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  C10_CUDA_CHECK(
+      cudaDeviceGetAttribute(&lim.smem_default, cudaDevAttrMaxSharedMemoryPerBlock, device));
+  if (device >= 0 && device < 64) {
+    cache[device] = lim;
+    ready[device] = true;
+  }
+  return lim;
+}
+
+// NAT_MM_CUDA_FORCE_SIMPLE=1 makes every op take the straightforward kernels (the test
+// oracle), read at each call so tests can switch it.
+inline bool force_simple() {
+  const char* v = std::getenv("NAT_MM_CUDA_FORCE_SIMPLE");
+  return v != nullptr && v[0] != '\0' && std::strcmp(v, "0") != 0;
+}
+
+// ------------------------------------------------------------------ device helpers
+// Quotient and remainder of non-negative int64 values; 32-bit hardware division when
+// both fit (64-bit division is a long software routine on the GPU).
+__device__ __forceinline__ int64_t div_fast(int64_t a, int64_t b) {
+  if (((static_cast<uint64_t>(a) | static_cast<uint64_t>(b)) >> 32) == 0) {
+    return static_cast<int64_t>(static_cast<uint32_t>(a) / static_cast<uint32_t>(b));
+  }
+  return a / b;
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T x) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xffffffffu, x, offset);
+  return x;
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_max(T x) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const T y = __shfl_xor_sync(0xffffffffu, x, offset);
+    x = y > x ? y : x;
+  }
+  return x;
+}
+
+template <typename T>
+__device__ __forceinline__ T exp_acc(T x);
+template <>
+__device__ __forceinline__ float exp_acc<float>(float x) {
+  return __expf(x);
+}
+template <>
+__device__ __forceinline__ double exp_acc<double>(double x) {
+  return exp(x);
+}
+
+template <typename T>
+__device__ __forceinline__ T log_acc(T x);
+template <>
+__device__ __forceinline__ float log_acc<float>(float x) {
+  return logf(x);
+}
+template <>
+__device__ __forceinline__ double log_acc<double>(double x) {
+  return log(x);
+}
+
+template <typename T>
+__device__ __forceinline__ T neg_inf();
+template <>
+__device__ __forceinline__ float neg_inf<float>() {
+  return -__int_as_float(0x7f800000);
+}
+template <>
+__device__ __forceinline__ double neg_inf<double>() {
+  return -__longlong_as_double(0x7ff0000000000000LL);
+}
+
+// ------------------------------------------------------------------ cross-TU entry points
+// Defined in na2d_cuda_ops.cu, used by the fused backward (na2d_cuda_fused_bwd.cu).
+// All tensors contiguous and on the current device; `weights` is float32/float64 or the
+// input dtype; outputs are written in their own dtype.
+
+// out[q, n] = scale * (query[q] . key[nbr(q, n)]) + rpb[bin(q, n)]; out is query's dtype or
+// float32/float64 (the accumulation type).
+void launch_qk(const at::Tensor& q, const at::Tensor& k, const at::Tensor& rpb,
+               const at::Tensor& out, const Geometry& g, double scale, cudaStream_t stream);
+
+// out = alpha * AV(weights, value): out[q, d] = alpha * sum_n weights[q, n] * value[nbr(q, n), d]
+void launch_av(const at::Tensor& weights, const at::Tensor& value, const at::Tensor& out,
+               const Geometry& g, double alpha, cudaStream_t stream);
+
+// out1[key, d] = alpha1 * sum over (q, n) hitting key of w1[q, n] * s1[q, d]; likewise out2
+// when w2 is defined (sharing the index math).
+void launch_inverse(const at::Tensor& w1, const at::Tensor& s1, const at::Tensor& out1,
+                    double alpha1, const at::Tensor& w2, const at::Tensor& s2,
+                    const at::Tensor& out2, double alpha2, const Geometry& g,
+                    cudaStream_t stream);
+
+// out[h, bi, bj] = sum of grad_attn entries whose bias bin is (bi, bj); deterministic.
+void launch_rpb_grad(const at::Tensor& grad_attn, const at::Tensor& out, const Geometry& g,
+                     cudaStream_t stream);
+
+}  // namespace cuda_detail
+}  // namespace nat_mm

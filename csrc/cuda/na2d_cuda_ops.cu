@@ -1,0 +1,416 @@
+// Straightforward CUDA kernels of 2D neighborhood attention: one thread per output
+// element, always correct for every shape, dtype, kernel size and dilation. They serve the
+// unfused ops (na2d_qk, na2d_av, na2d_inverse, na2d_rpb_grad) and are the building blocks
+// (and test oracle) of the fused ops.
+//
+//   qk       one thread per (query, neighbor): a head_dim dot product (+ rpb)
+//   av       one thread per (query, channel): sum over the window; channels adjacent in a
+//            warp, so value reads are coalesced
+//   inverse  one thread per (key, channel): gathers over the queries that see the key
+//            (axis_inverse), so no atomics and a fixed summation order
+//   rpb_grad two deterministic passes: per (head, chunk of rows) partial sums of every bias
+//            bin, then a fixed-order sum over the chunks
+#include "na2d_cuda_common.cuh"
+#include "na2d_kernels.h"
+
+namespace nat_mm {
+namespace cuda_detail {
+
+// ------------------------------------------------------------------ kernels
+template <typename T, typename OutT, typename AccT>
+__global__ void __launch_bounds__(kThreads)
+    qk_kernel(const T* __restrict__ query, const T* __restrict__ key, const T* __restrict__ rpb,
+              OutT* __restrict__ out, const Geometry g, const AccT scale) {
+  const int64_t total = g.queries * g.window;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += step) {
+    const int64_t q_index = div_fast(idx, g.window);
+    const int64_t nb = idx - q_index * g.window;
+    const int64_t m = div_fast(nb, g.kw);
+    const int64_t n = nb - m * g.kw;
+    const int64_t row = div_fast(q_index, g.width);
+    const int64_t j = q_index - row * g.width;
+    const int64_t bh = div_fast(row, g.height);
+    const int64_t i = row - bh * g.height;
+    const AxisWindow wr = axis_window(i, g.height, g.kh, g.dh);
+    const AxisWindow wc = axis_window(j, g.width, g.kw, g.dw);
+    const T* qp = query + q_index * g.dim;
+    const T* kp = key + ((bh * g.height + wr.key(m)) * g.width + wc.key(n)) * g.dim;
+    AccT acc0 = 0, acc1 = 0;
+    int64_t d = 0;
+    for (; d + 1 < g.dim; d += 2) {
+      acc0 += static_cast<AccT>(qp[d]) * static_cast<AccT>(kp[d]);
+      acc1 += static_cast<AccT>(qp[d + 1]) * static_cast<AccT>(kp[d + 1]);
+    }
+    if (d < g.dim) acc0 += static_cast<AccT>(qp[d]) * static_cast<AccT>(kp[d]);
+    AccT acc = (acc0 + acc1) * scale;
+    if (rpb != nullptr) {
+      const int64_t h = bh - div_fast(bh, g.heads) * g.heads;
+      acc += static_cast<AccT>(
+          rpb[(h * g.bias_h + wr.bias(m, g.kh)) * g.bias_w + wc.bias(n, g.kw)]);
+    }
+    out[idx] = static_cast<OutT>(acc);
+  }
+}
+
+template <typename WT, typename VT, typename AccT>
+__global__ void __launch_bounds__(kThreads)
+    av_kernel(const WT* __restrict__ weights, const VT* __restrict__ value,
+              VT* __restrict__ out, const Geometry g, const AccT alpha) {
+  const int64_t total = g.queries * g.dim;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += step) {
+    const int64_t q_index = div_fast(idx, g.dim);
+    const int64_t d = idx - q_index * g.dim;
+    const int64_t row = div_fast(q_index, g.width);
+    const int64_t j = q_index - row * g.width;
+    const int64_t bh = div_fast(row, g.height);
+    const int64_t i = row - bh * g.height;
+    const AxisWindow wr = axis_window(i, g.height, g.kh, g.dh);
+    const AxisWindow wc = axis_window(j, g.width, g.kw, g.dw);
+    const WT* wp = weights + q_index * g.window;
+    const VT* vbase = value + bh * g.height * g.width * g.dim + d;
+    AccT acc = 0;
+    for (int64_t m = 0; m < g.kh; ++m) {
+      const VT* vrow = vbase + wr.key(m) * g.width * g.dim;
+      const WT* wrow = wp + m * g.kw;
+      for (int64_t n = 0; n < g.kw; ++n) {
+        acc += static_cast<AccT>(wrow[n]) * static_cast<AccT>(vrow[wc.key(n) * g.dim]);
+      }
+    }
+    out[idx] = static_cast<VT>(acc * alpha);
+  }
+}
+
+// Column neighbor indices of the queries that see a key are cached per thread when there
+// are at most this many of them (always for kernel widths <= 32).
+constexpr int kInverseCache = 32;
+
+template <typename WT, typename ST, typename AccT>
+__global__ void __launch_bounds__(kThreads)
+    inverse_kernel(const WT* __restrict__ w1, const ST* __restrict__ s1, ST* __restrict__ o1,
+                   const AccT a1, const WT* __restrict__ w2, const ST* __restrict__ s2,
+                   ST* __restrict__ o2, const AccT a2, const Geometry g) {
+  const int64_t total = g.queries * g.dim;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  const bool two = w2 != nullptr;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += step) {
+    const int64_t k_index = div_fast(idx, g.dim);
+    const int64_t d = idx - k_index * g.dim;
+    const int64_t row = div_fast(k_index, g.width);
+    const int64_t kj = k_index - row * g.width;
+    const int64_t bh = div_fast(row, g.height);
+    const int64_t ki = row - bh * g.height;
+    const InverseRange ir = axis_inverse(ki, g.height, g.kh, g.dh);
+    const InverseRange ic = axis_inverse(kj, g.width, g.kw, g.dw);
+    const int64_t key_sub_r = ki / g.dh;
+    const int64_t key_sub_c = kj / g.dw;
+    const int64_t ncols = ic.last - ic.first + 1;
+    int col_nb[kInverseCache];
+    const int64_t cached = ncols <= kInverseCache ? ncols : 0;
+    for (int64_t c = 0; c < cached; ++c) {
+      const AxisWindow wc = axis_window(ic.query(ic.first + c), g.width, g.kw, g.dw);
+      col_nb[c] = static_cast<int>(key_sub_c - wc.start);
+    }
+    const int64_t map_base = bh * g.height * g.width;
+    AccT acc1 = 0, acc2 = 0;
+    for (int64_t sr = ir.first; sr <= ir.last; ++sr) {
+      const int64_t qi = ir.query(sr);
+      const AxisWindow wr = axis_window(qi, g.height, g.kh, g.dh);
+      const int64_t m = key_sub_r - wr.start;
+      if (m < 0 || m >= g.kh) continue;  // cannot happen (axis_inverse), kept as a guard
+      for (int64_t c = 0; c < ncols; ++c) {
+        int64_t n;
+        if (c < cached) {
+          n = col_nb[c];
+        } else {
+          n = key_sub_c - axis_window(ic.query(ic.first + c), g.width, g.kw, g.dw).start;
+        }
+        if (n < 0 || n >= g.kw) continue;
+        const int64_t qidx = map_base + qi * g.width + ic.query(ic.first + c);
+        const int64_t w_off = qidx * g.window + m * g.kw + n;
+        const int64_t s_off = qidx * g.dim + d;
+        acc1 += static_cast<AccT>(w1[w_off]) * static_cast<AccT>(s1[s_off]);
+        if (two) acc2 += static_cast<AccT>(w2[w_off]) * static_cast<AccT>(s2[s_off]);
+      }
+    }
+    o1[idx] = static_cast<ST>(acc1 * a1);
+    if (two) o2[idx] = static_cast<ST>(acc2 * a2);
+  }
+}
+
+// Pass 1: block (head, chunk) computes, for every bias bin, the sum over its chunk of
+// (batch, row) pairs, in a fixed order. The column table (bias index of neighbor 0 of each
+// column) sits in shared memory when it fits.
+template <typename WT, typename AccT>
+__global__ void rpb_partial_kernel(const WT* __restrict__ grad_attn, AccT* __restrict__ partial,
+                                   const Geometry g, const int64_t rows_per_chunk,
+                                   const int64_t chunks, const bool use_table) {
+  extern __shared__ int col_bias0[];
+  if (use_table) {
+    for (int64_t j = threadIdx.x; j < g.width; j += blockDim.x) {
+      col_bias0[j] = static_cast<int>(axis_window(j, g.width, g.kw, g.dw).bias(0, g.kw));
+    }
+  }
+  __syncthreads();
+  const int64_t bins = g.bias_h * g.bias_w;
+  const int64_t rows = g.batch * g.height;
+  for (int64_t blk = blockIdx.x; blk < g.heads * chunks; blk += gridDim.x) {
+    const int64_t h = blk / chunks;
+    const int64_t chunk = blk - h * chunks;
+    const int64_t r0 = chunk * rows_per_chunk;
+    const int64_t r1 = r0 + rows_per_chunk < rows ? r0 + rows_per_chunk : rows;
+    for (int64_t bin = threadIdx.x; bin < bins; bin += blockDim.x) {
+      const int64_t bi = bin / g.bias_w;
+      const int64_t bj = bin - bi * g.bias_w;
+      AccT acc = 0;
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t b = r / g.height;
+        const int64_t i = r - b * g.height;
+        const int64_t m = bi - axis_window(i, g.height, g.kh, g.dh).bias(0, g.kh);
+        if (m < 0 || m >= g.kh) continue;
+        const WT* base =
+            grad_attn + ((b * g.heads + h) * g.height + i) * g.width * g.window + m * g.kw;
+        for (int64_t j = 0; j < g.width; ++j) {
+          const int64_t c0 =
+              use_table ? col_bias0[j] : axis_window(j, g.width, g.kw, g.dw).bias(0, g.kw);
+          const int64_t n = bj - c0;
+          if (n >= 0 && n < g.kw) acc += static_cast<AccT>(base[j * g.window + n]);
+        }
+      }
+      partial[(h * chunks + chunk) * bins + bin] = acc;
+    }
+  }
+}
+
+// Pass 2: out[h, bin] = sum over chunks, in chunk order.
+template <typename AccT, typename OutT>
+__global__ void __launch_bounds__(kThreads)
+    rpb_reduce_kernel(const AccT* __restrict__ partial, OutT* __restrict__ out,
+                      const int64_t heads, const int64_t chunks, const int64_t bins) {
+  const int64_t total = heads * bins;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += step) {
+    const int64_t h = idx / bins;
+    const int64_t bin = idx - h * bins;
+    const AccT* p = partial + h * chunks * bins + bin;
+    AccT acc = 0;
+    for (int64_t c = 0; c < chunks; ++c) acc += p[c * bins];
+    out[idx] = static_cast<OutT>(acc);
+  }
+}
+
+// ------------------------------------------------------------------ launchers
+template <typename T>
+using acc_t = at::opmath_type<T>;
+
+void launch_qk(const at::Tensor& q, const at::Tensor& k, const at::Tensor& rpb,
+               const at::Tensor& out, const Geometry& g, double scale, cudaStream_t stream) {
+  if (g.queries * g.window == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "na2d_qk_cuda", [&] {
+    using AccT = acc_t<scalar_t>;
+    const scalar_t* rpb_ptr = rpb.defined() ? rpb.const_data_ptr<scalar_t>() : nullptr;
+    if (out.scalar_type() == q.scalar_type()) {
+      qk_kernel<scalar_t, scalar_t, AccT><<<blocks_for(g.queries * g.window), kThreads, 0, stream>>>(
+          q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), rpb_ptr,
+          out.mutable_data_ptr<scalar_t>(), g, static_cast<AccT>(scale));
+    } else {
+      TORCH_CHECK(out.scalar_type() == c10::CppTypeToScalarType<AccT>::value,
+                  "nat_mm: internal: qk output dtype ", out.scalar_type());
+      qk_kernel<scalar_t, AccT, AccT><<<blocks_for(g.queries * g.window), kThreads, 0, stream>>>(
+          q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), rpb_ptr,
+          out.mutable_data_ptr<AccT>(), g, static_cast<AccT>(scale));
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void launch_av(const at::Tensor& weights, const at::Tensor& value, const at::Tensor& out,
+               const Geometry& g, double alpha, cudaStream_t stream) {
+  if (g.queries * g.dim == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "na2d_av_cuda", [&] {
+    using AccT = acc_t<scalar_t>;
+    TORCH_CHECK(out.scalar_type() == value.scalar_type(), "nat_mm: internal: av output dtype");
+    if (weights.scalar_type() == value.scalar_type()) {
+      av_kernel<scalar_t, scalar_t, AccT><<<blocks_for(g.queries * g.dim), kThreads, 0, stream>>>(
+          weights.const_data_ptr<scalar_t>(), value.const_data_ptr<scalar_t>(),
+          out.mutable_data_ptr<scalar_t>(), g, static_cast<AccT>(alpha));
+    } else {
+      TORCH_CHECK(weights.scalar_type() == c10::CppTypeToScalarType<AccT>::value,
+                  "nat_mm: internal: av weights dtype ", weights.scalar_type());
+      av_kernel<AccT, scalar_t, AccT><<<blocks_for(g.queries * g.dim), kThreads, 0, stream>>>(
+          weights.const_data_ptr<AccT>(), value.const_data_ptr<scalar_t>(),
+          out.mutable_data_ptr<scalar_t>(), g, static_cast<AccT>(alpha));
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void launch_inverse(const at::Tensor& w1, const at::Tensor& s1, const at::Tensor& out1,
+                    double alpha1, const at::Tensor& w2, const at::Tensor& s2,
+                    const at::Tensor& out2, double alpha2, const Geometry& g,
+                    cudaStream_t stream) {
+  if (g.queries * g.dim == 0) return;
+  const bool two = w2.defined();
+  if (two) {
+    TORCH_CHECK(w2.scalar_type() == w1.scalar_type() && s2.scalar_type() == s1.scalar_type() &&
+                    out2.scalar_type() == out1.scalar_type(),
+                "nat_mm: internal: inverse pair dtypes differ");
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s1.scalar_type(), "na2d_inverse_cuda", [&] {
+    using AccT = acc_t<scalar_t>;
+    TORCH_CHECK(out1.scalar_type() == s1.scalar_type(), "nat_mm: internal: inverse output dtype");
+    auto run = [&](auto w_tag) {
+      using WT = decltype(w_tag);
+      inverse_kernel<WT, scalar_t, AccT><<<blocks_for(g.queries * g.dim), kThreads, 0, stream>>>(
+          w1.const_data_ptr<WT>(), s1.const_data_ptr<scalar_t>(),
+          out1.mutable_data_ptr<scalar_t>(), static_cast<AccT>(alpha1),
+          two ? w2.const_data_ptr<WT>() : nullptr, two ? s2.const_data_ptr<scalar_t>() : nullptr,
+          two ? out2.mutable_data_ptr<scalar_t>() : nullptr, static_cast<AccT>(alpha2), g);
+    };
+    if (w1.scalar_type() == s1.scalar_type()) {
+      run(scalar_t{});
+    } else {
+      TORCH_CHECK(w1.scalar_type() == c10::CppTypeToScalarType<AccT>::value,
+                  "nat_mm: internal: inverse weights dtype ", w1.scalar_type());
+      run(AccT{});
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void launch_rpb_grad(const at::Tensor& grad_attn, const at::Tensor& out, const Geometry& g,
+                     cudaStream_t stream) {
+  const int64_t bins = g.bias_h * g.bias_w;
+  const int64_t rows = g.batch * g.height;
+  if (g.heads * bins == 0) return;
+  // Fixed chunking that depends on the shape only, so the summation order (and the
+  // result, bit for bit) is the same on every run and every device.
+  const int64_t target_blocks = 1024;
+  int64_t chunks = (target_blocks + g.heads - 1) / g.heads;
+  if (chunks > rows) chunks = rows;
+  if (chunks < 1) chunks = 1;
+  const int64_t rows_per_chunk = rows > 0 ? (rows + chunks - 1) / chunks : 1;
+  if (rows > 0) chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;
+  const auto acc_type = grad_attn.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor partial = at::empty({g.heads * chunks * bins}, grad_attn.options().dtype(acc_type));
+  const int64_t table_bytes = g.width * static_cast<int64_t>(sizeof(int));
+  const bool use_table = table_bytes <= 32 * 1024;
+  const int threads = bins >= kThreads ? kThreads : static_cast<int>((bins + 31) / 32 * 32);
+  const int64_t grid64 = g.heads * chunks;
+  const unsigned int grid = static_cast<unsigned int>(grid64 < (1 << 20) ? grid64 : (1 << 20));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "na2d_rpb_grad_cuda", [&] {
+    using AccT = acc_t<scalar_t>;
+    auto run = [&](auto w_tag) {
+      using WT = decltype(w_tag);
+      rpb_partial_kernel<WT, AccT><<<grid, threads, use_table ? table_bytes : 0, stream>>>(
+          grad_attn.const_data_ptr<WT>(), partial.mutable_data_ptr<AccT>(), g, rows_per_chunk,
+          chunks, use_table);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (rows > 0) {
+      if (grad_attn.scalar_type() == out.scalar_type()) {
+        run(scalar_t{});
+      } else {
+        TORCH_CHECK(grad_attn.scalar_type() == c10::CppTypeToScalarType<AccT>::value,
+                    "nat_mm: internal: rpb grad input dtype ", grad_attn.scalar_type());
+        run(AccT{});
+      }
+    } else {
+      partial.zero_();
+    }
+    rpb_reduce_kernel<AccT, scalar_t><<<blocks_for(g.heads * bins), kThreads, 0, stream>>>(
+        partial.const_data_ptr<AccT>(), out.mutable_data_ptr<scalar_t>(), g.heads, chunks, bins);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+}  // namespace cuda_detail
+
+// ------------------------------------------------------------------ the unfused ops
+using namespace cuda_detail;
+
+at::Tensor na2d_qk_cuda(const at::Tensor& query, const at::Tensor& key,
+                        const std::optional<at::Tensor>& rpb, at::IntArrayRef kernel_size,
+                        at::IntArrayRef dilation) {
+  check_window_args(kernel_size, dilation);
+  check_cuda_5d(query, "query");
+  check_cuda_5d(key, "key");
+  check_same_device_dtype(query, "query", key, "key");
+  TORCH_CHECK(key.sizes() == query.sizes(), "nat_mm: key must have the shape of query ",
+              query.sizes(), ", got ", key.sizes());
+  check_map_size(query, kernel_size, dilation);
+  check_rpb(rpb, query, kernel_size);
+  c10::cuda::CUDAGuard guard(query.device());
+  const at::Tensor q = query.contiguous(), k = key.contiguous();
+  const at::Tensor bias = has_rpb(rpb) ? rpb->contiguous() : at::Tensor();
+  const Geometry g = make_geometry(q, q.size(4), kernel_size, dilation);
+  at::Tensor out = at::empty({g.batch, g.heads, g.height, g.width, g.window}, q.options());
+  launch_qk(q, k, bias, out, g, 1.0, current_stream(q));
+  return out;
+}
+
+at::Tensor na2d_av_cuda(const at::Tensor& attn, const at::Tensor& value,
+                        at::IntArrayRef kernel_size, at::IntArrayRef dilation) {
+  check_window_args(kernel_size, dilation);
+  check_cuda_5d(attn, "attn");
+  check_cuda_5d(value, "value");
+  check_same_device_dtype(value, "value", attn, "attn");
+  TORCH_CHECK(attn.size(4) == kernel_size[0] * kernel_size[1],
+              "nat_mm: attn last dim must be kernel_h*kernel_w = ",
+              kernel_size[0] * kernel_size[1], ", got ", attn.size(4));
+  TORCH_CHECK(attn.sizes().slice(0, 4) == value.sizes().slice(0, 4),
+              "nat_mm: attn and value must agree in [batch, heads, height, width]: ",
+              attn.sizes(), " vs ", value.sizes());
+  check_map_size(value, kernel_size, dilation);
+  c10::cuda::CUDAGuard guard(value.device());
+  const at::Tensor a = attn.contiguous(), v = value.contiguous();
+  const Geometry g = make_geometry(v, v.size(4), kernel_size, dilation);
+  at::Tensor out = at::empty(v.sizes(), v.options());
+  launch_av(a, v, out, g, 1.0, current_stream(v));
+  return out;
+}
+
+at::Tensor na2d_inverse_cuda(const at::Tensor& weights, const at::Tensor& source,
+                             at::IntArrayRef kernel_size, at::IntArrayRef dilation) {
+  check_window_args(kernel_size, dilation);
+  check_cuda_5d(weights, "weights");
+  check_cuda_5d(source, "source");
+  check_same_device_dtype(source, "source", weights, "weights");
+  TORCH_CHECK(weights.size(4) == kernel_size[0] * kernel_size[1],
+              "nat_mm: weights last dim must be kernel_h*kernel_w = ",
+              kernel_size[0] * kernel_size[1], ", got ", weights.size(4));
+  TORCH_CHECK(weights.sizes().slice(0, 4) == source.sizes().slice(0, 4),
+              "nat_mm: weights and source must agree in [batch, heads, height, width]: ",
+              weights.sizes(), " vs ", source.sizes());
+  check_map_size(source, kernel_size, dilation);
+  c10::cuda::CUDAGuard guard(source.device());
+  const at::Tensor w = weights.contiguous(), s = source.contiguous();
+  const Geometry g = make_geometry(s, s.size(4), kernel_size, dilation);
+  at::Tensor out = at::empty(s.sizes(), s.options());
+  launch_inverse(w, s, out, 1.0, at::Tensor(), at::Tensor(), at::Tensor(), 0.0, g,
+                 current_stream(s));
+  return out;
+}
+
+at::Tensor na2d_rpb_grad_cuda(const at::Tensor& grad_attn, at::IntArrayRef kernel_size,
+                              at::IntArrayRef dilation) {
+  check_window_args(kernel_size, dilation);
+  check_cuda_5d(grad_attn, "grad_attn");
+  TORCH_CHECK(grad_attn.size(4) == kernel_size[0] * kernel_size[1],
+              "nat_mm: grad_attn last dim must be kernel_h*kernel_w = ",
+              kernel_size[0] * kernel_size[1], ", got ", grad_attn.size(4));
+  check_map_size(grad_attn, kernel_size, dilation);
+  c10::cuda::CUDAGuard guard(grad_attn.device());
+  const at::Tensor ga = grad_attn.contiguous();
+  const Geometry g = make_geometry(ga, 0, kernel_size, dilation);
+  at::Tensor out = at::empty({g.heads, g.bias_h, g.bias_w}, ga.options());
+  launch_rpb_grad(ga, out, g, current_stream(ga));
+  return out;
+}
+
+}  // namespace nat_mm
