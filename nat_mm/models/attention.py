@@ -1,0 +1,67 @@
+"""The neighborhood-attention layer of NAT / DiNAT (parameter names as upstream)."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nat_mm.ops import na2d, na2d_av, na2d_qk
+
+
+class NeighborhoodAttention(nn.Module):
+    """Multi-head 2D neighborhood attention with a relative position bias.
+
+    Input and output are channels-last [B, H, W, C]. A map smaller than
+    kernel_size * dilation is zero-padded bottom/right before the qkv projection and
+    cropped afterwards (NATTEN <= 0.15 behaviour), so any input size works.
+    """
+
+    def __init__(self, embed_dims: int, num_heads: int, kernel_size: int = 7,
+                 dilation: int = 1, qkv_bias: bool = True, attn_drop_rate: float = 0.,
+                 proj_drop_rate: float = 0.):
+        super().__init__()
+        if embed_dims % num_heads:
+            raise ValueError(f'embed_dims ({embed_dims}) must be divisible by num_heads '
+                             f'({num_heads})')
+        self.num_heads = num_heads
+        self.head_dims = embed_dims // num_heads
+        self.scale = self.head_dims ** -0.5
+        self.kernel_size = kernel_size
+        self.dilation = dilation
+        self.qkv = nn.Linear(embed_dims, embed_dims * 3, bias=qkv_bias)
+        self.rpb = nn.Parameter(torch.zeros(num_heads, 2 * kernel_size - 1,
+                                            2 * kernel_size - 1))
+        nn.init.trunc_normal_(self.rpb, std=.02)
+        self.attn_drop = nn.Dropout(attn_drop_rate)
+        self.proj = nn.Linear(embed_dims, embed_dims)
+        self.proj_drop = nn.Dropout(proj_drop_rate)
+
+    def extra_repr(self) -> str:
+        return (f'num_heads={self.num_heads}, kernel_size={self.kernel_size}, '
+                f'dilation={self.dilation}')
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[1:3]
+        window = self.kernel_size * self.dilation
+        pad_h, pad_w = max(0, window - height), max(0, window - width)
+        if pad_h or pad_w:
+            x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+        batch, padded_h, padded_w, channels = x.shape
+        qkv = self.qkv(x).reshape(batch, padded_h, padded_w, 3, self.num_heads,
+                                  self.head_dims)
+        query, key, value = qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)  # [B, heads, H, W, D]
+        out = self._attend(query, key, value)
+        out = out.permute(0, 2, 3, 1, 4).reshape(batch, padded_h, padded_w, channels)
+        out = out[:, :height, :width]
+        return self.proj_drop(self.proj(out))
+
+    def _attend(self, query, key, value):
+        # Under autocast q/k/v come out of the Linear in half precision while the bias
+        # stays float32; the NA ops want one dtype (autocast does not cover them).
+        rpb = self.rpb.to(query.dtype)
+        # The fused op has no dropout inside; attention dropout needs the explicit map.
+        if self.training and self.attn_drop.p > 0:
+            attn = na2d_qk(query * self.scale, key, self.kernel_size, self.dilation,
+                           rpb=rpb)
+            attn = self.attn_drop(attn.softmax(dim=-1))
+            return na2d_av(attn, value, self.kernel_size, self.dilation)
+        return na2d(query, key, value, self.kernel_size, self.dilation, rpb=rpb,
+                    scale=self.scale)

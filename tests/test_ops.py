@@ -1,0 +1,259 @@
+"""nat_mm.ops against the pure-PyTorch reference: forward, every gradient, every dtype."""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nat_mm.ops import (backend_info, na2d, na2d_av, na2d_av_reference, na2d_qk,
+                        na2d_qk_reference, na2d_reference)
+from nat_mm.ops import fallback
+from nat_mm.ops.library import op
+
+# (batch, heads, H, W, head_dim, kernel_size, dilation)
+CASES = [
+    (1, 1, 7, 7, 4, (3, 3), (1, 1)),          # smallest map with border everywhere
+    (2, 2, 9, 11, 8, (3, 5), (2, 1)),         # rectangular kernel, dilation on one axis
+    (1, 2, 13, 15, 33, (5, 3), (2, 3)),       # odd head dim, both axes dilated
+    (2, 1, 14, 12, 16, (7, 7), (2, 1)),       # H == k*d exactly
+    (1, 2, 21, 24, 32, (7, 7), (3, 3)),       # H == k*d exactly on both axes
+    (1, 2, 20, 24, 32, (9, 13), (2, 1)),
+    (1, 1, 16, 17, 8, (11, 13), (1, 1)),
+    (1, 1, 13, 13, 8, (13, 13), (1, 1)),      # kernel == map
+    (1, 2, 17, 19, 8, (3, 3), (4, 4)),        # dilation 4
+]
+LARGEST_KERNEL = (1, 1, 33, 31, 4, (31, 31), (1, 1))  # the largest kernel asked for
+
+
+def _ids(case):
+    return 'B{}h{}_{}x{}_D{}_k{}x{}_d{}x{}'.format(*case[:5], *case[5], *case[6])
+
+
+def make_inputs(case, dtype, with_rpb=True, seed=0):
+    batch, heads, height, width, dim, ks, _ = case
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+
+    q, k, v = (rand(batch, heads, height, width, dim) for _ in range(3))
+    rpb = rand(heads, 2 * ks[0] - 1, 2 * ks[1] - 1) if with_rpb else None
+    return q, k, v, rpb
+
+
+def grads(out, inputs, grad_out):
+    return torch.autograd.grad(out, [x for x in inputs if x is not None], grad_out)
+
+
+def assert_close_all(actual, expected, atol, rtol):
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a.double(), e.double(), atol=atol, rtol=rtol)
+
+
+def reference_fp64(fn, *tensors):
+    """Run a reference on float64 copies of the tensors (for reduced-precision checks)."""
+    copies = [None if t is None else t.detach().double().requires_grad_() for t in tensors]
+    return copies, fn(*copies)
+
+
+@pytest.mark.parametrize('case, with_rpb', [(c, True) for c in CASES + [LARGEST_KERNEL]] +
+                         [(c, False) for c in CASES[:4]],
+                         ids=lambda x: _ids(x) if isinstance(x, tuple) else ('rpb' if x else 'norpb'))
+def test_fused_matches_reference_fp64(case, with_rpb):
+    q, k, v, rpb = make_inputs(case, torch.float64, with_rpb)
+    ks, dil = case[5], case[6]
+    out = na2d(q, k, v, ks, dil, rpb=rpb)
+    ref = na2d_reference(q, k, v, ks, dil, rpb=rpb)
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+    g = torch.randn_like(out)
+    assert_close_all(grads(out, (q, k, v, rpb), g), grads(ref, (q, k, v, rpb), g), 1e-10, 1e-10)
+
+
+@pytest.mark.parametrize('case', CASES + [LARGEST_KERNEL], ids=_ids)
+def test_unfused_ops_match_reference_fp64(case):
+    q, k, v, rpb = make_inputs(case, torch.float64)
+    ks, dil = case[5], case[6]
+    attn = na2d_qk(q, k, ks, dil, rpb=rpb)
+    attn_ref = na2d_qk_reference(q, k, ks, dil, rpb=rpb)
+    torch.testing.assert_close(attn, attn_ref, atol=1e-10, rtol=1e-10)
+    g = torch.randn_like(attn)
+    assert_close_all(grads(attn, (q, k, rpb), g), grads(attn_ref, (q, k, rpb), g), 1e-10, 1e-10)
+
+    weights = attn_ref.detach().softmax(-1).requires_grad_()
+    out = na2d_av(weights, v, ks, dil)
+    out_ref = na2d_av_reference(weights, v, ks, dil)
+    torch.testing.assert_close(out, out_ref, atol=1e-10, rtol=1e-10)
+    g = torch.randn_like(out)
+    assert_close_all(grads(out, (weights, v), g), grads(out_ref, (weights, v), g), 1e-10, 1e-10)
+
+
+# Tolerances relative to the output scale (inputs ~N(0, 1)).
+TOLERANCES = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+@pytest.mark.parametrize('dtype', list(TOLERANCES), ids=str)
+@pytest.mark.parametrize('case', [CASES[1], CASES[2], CASES[5], CASES[8]], ids=_ids)
+def test_reduced_precision(case, dtype):
+    tol = TOLERANCES[dtype]
+    q, k, v, rpb = make_inputs(case, dtype)
+    ks, dil = case[5], case[6]
+    out = na2d(q, k, v, ks, dil, rpb=rpb)
+    assert out.dtype == dtype
+    (q64, k64, v64, rpb64), ref = reference_fp64(
+        lambda *t: na2d_reference(*t[:3], ks, dil, rpb=t[3]), q, k, v, rpb)
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+    g = torch.randn_like(ref)
+    got = grads(out, (q, k, v, rpb), g.to(dtype))
+    want = grads(ref, (q64, k64, v64, rpb64), g)
+    for a, e in zip(got, want):
+        assert a.dtype == dtype
+        # the rpb gradient sums H*W terms: compare relative to its magnitude
+        scale = max(1.0, e.abs().max().item())
+        torch.testing.assert_close(a.double() / scale, e / scale, atol=tol, rtol=tol)
+
+    attn = na2d_qk(q, k, ks, dil, rpb=rpb)
+    (_, _, rpb64b), attn_ref = reference_fp64(
+        lambda a, b, c: na2d_qk_reference(a, b, ks, dil, rpb=c), q, k, rpb)
+    torch.testing.assert_close(attn.double(), attn_ref, atol=tol * 10, rtol=tol)
+    weights = attn.detach().float().softmax(-1).to(dtype)
+    av = na2d_av(weights, v, ks, dil)
+    av_ref = na2d_av_reference(weights.double(), v.detach().double(), ks, dil)
+    torch.testing.assert_close(av.double(), av_ref, atol=tol, rtol=tol)
+
+
+GRADCHECK_CASES = [  # small: gradcheck perturbs every input element
+    (1, 1, 7, 7, 3, (3, 3), (1, 1)),
+    (1, 2, 7, 9, 2, (3, 5), (2, 1)),
+    (2, 1, 9, 8, 2, (3, 3), (3, 2)),
+]
+
+
+@pytest.mark.parametrize('case', GRADCHECK_CASES, ids=_ids)
+def test_gradcheck_fp64(case):
+    q, k, v, rpb = make_inputs(case, torch.float64)
+    ks, dil = case[5], case[6]
+    check = lambda fn, inputs: torch.autograd.gradcheck(fn, inputs, fast_mode=True)
+    assert check(lambda *t: na2d(*t[:3], ks, dil, rpb=t[3]), (q, k, v, rpb))
+    assert check(lambda a, b, c: na2d_qk(a, b, ks, dil, rpb=c), (q, k, rpb))
+    weights = torch.randn(*q.shape[:4], ks[0] * ks[1], dtype=torch.float64,
+                          requires_grad=True)
+    assert check(lambda a, b: na2d_av(a, b, ks, dil), (weights, v))
+
+
+@pytest.mark.parametrize('case', [CASES[2], CASES[5]], ids=_ids)
+def test_fused_equals_unfused(case):
+    q, k, v, rpb = make_inputs(case, torch.float32)
+    ks, dil = case[5], case[6]
+    scale = 0.3
+    fused = na2d(q, k, v, ks, dil, rpb=rpb, scale=scale)
+    unfused = na2d_av(na2d_qk(q * scale, k, ks, dil, rpb=rpb).softmax(-1), v, ks, dil)
+    torch.testing.assert_close(fused, unfused, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(fused)
+    assert_close_all(grads(fused, (q, k, v, rpb), g), grads(unfused, (q, k, v, rpb), g),
+                     1e-4, 1e-4)
+
+
+@pytest.mark.parametrize('size', [(7, 7), (9, 5)])
+def test_kernel_equal_to_map_is_full_attention(size):
+    """With the window covering the whole map, NA is softmax attention with a bias."""
+    height, width = size
+    q, k, v, rpb = make_inputs((2, 3, height, width, 16, size, (1, 1)), torch.float64)
+    out = na2d(q, k, v, size, 1, rpb=rpb)
+    # bias of key (ki, kj) for query (qi, qj) is rpb[:, ki - qi + kh - 1, kj - qj + kw - 1]
+    qi, qj = torch.meshgrid(torch.arange(height), torch.arange(width), indexing='ij')
+    di = (qi.reshape(-1, 1) - qi.reshape(1, -1)).neg() + height - 1
+    dj = (qj.reshape(-1, 1) - qj.reshape(1, -1)).neg() + width - 1
+    bias = rpb[:, di, dj]  # [heads, HW, HW]
+    flat = lambda t: t.reshape(2, 3, height * width, 16)
+    ref = F.scaled_dot_product_attention(flat(q), flat(k), flat(v), attn_mask=bias)
+    torch.testing.assert_close(out.reshape_as(ref), ref, atol=1e-10, rtol=1e-10)
+
+
+def test_non_contiguous_inputs():
+    case = CASES[5]
+    q, k, v, rpb = make_inputs(case, torch.float32)
+    ks, dil = case[5], case[6]
+    # same values, other memory layouts
+    qn = q.detach().transpose(2, 3).contiguous().transpose(2, 3)
+    kn = torch.cat([k.detach(), k.detach()], dim=-1)[..., : k.shape[-1]]
+    vn = v.detach().permute(4, 0, 1, 2, 3).contiguous().permute(1, 2, 3, 4, 0)
+    assert not (qn.is_contiguous() or kn.is_contiguous() or vn.is_contiguous())
+    torch.testing.assert_close(na2d(qn, kn, vn, ks, dil, rpb=rpb), na2d(q, k, v, ks, dil, rpb=rpb))
+    torch.testing.assert_close(na2d_qk(qn, kn, ks, dil), na2d_qk(q, k, ks, dil))
+    attn = torch.randn(*q.shape[:4], ks[0] * ks[1])
+    torch.testing.assert_close(na2d_av(attn.transpose(2, 3).contiguous().transpose(2, 3), vn,
+                                       ks, dil), na2d_av(attn, v, ks, dil))
+
+
+def test_rpb_grad_deterministic_across_threads():
+    case = (2, 3, 24, 30, 16, (7, 7), (2, 1))
+    q, k, v, rpb = make_inputs(case, torch.float32)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 1):
+            torch.set_num_threads(n)
+            out = na2d(q, k, v, case[5], case[6], rpb=rpb)
+            results.append(torch.autograd.grad(out.square().sum(), (q, k, v, rpb)))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+def test_opcheck_every_op():
+    case = CASES[1]
+    ks, dil = list(case[5]), list(case[6])
+    q, k, v, rpb = make_inputs(case, torch.float32)
+    weights = torch.randn(*q.shape[:4], ks[0] * ks[1], requires_grad=True)
+    out, lse = op('na2d_fused')(q, k, v, rpb, ks, dil, 0.5)
+    plain = [t.detach() for t in (q, k, v, rpb, out, lse)]
+    samples = {
+        'na2d_qk': (q, k, rpb, ks, dil),
+        'na2d_av': (weights, v, ks, dil),
+        'na2d_inverse': (weights.detach(), q.detach(), ks, dil),
+        'na2d_rpb_grad': (weights.detach(), ks, dil),
+        'na2d_fused': (q, k, v, rpb, ks, dil, 0.5),
+        'na2d_fused_backward': (torch.randn_like(out), *plain, ks, dil, 0.5),
+    }
+    for name, args in samples.items():
+        torch.library.opcheck(op(name), args)
+
+
+def test_compile_fullgraph_forward_and_backward():
+    case = CASES[5]
+    q, k, v, rpb = make_inputs(case, torch.float32)
+    ks, dil = case[5], case[6]
+
+    def block(q, k, v, rpb):
+        return (na2d(q, k, v, ks, dil, rpb=rpb) * 2).sum() + na2d_qk(q, k, ks, dil).sum()
+
+    compiled = torch.compile(block, fullgraph=True, backend='aot_eager')
+    eager_loss = block(q, k, v, rpb)
+    eager_grads = torch.autograd.grad(eager_loss, (q, k, v, rpb))
+    loss = compiled(q, k, v, rpb)
+    torch.testing.assert_close(loss, eager_loss)
+    assert_close_all(torch.autograd.grad(loss, (q, k, v, rpb)), eager_grads, 1e-5, 1e-5)
+
+
+def test_backend_info_reports_cpu_kernels():
+    info = backend_info()
+    assert info['cpu'] in ('compiled', 'reference')
+    assert info['cpu'] == ('compiled' if info['extension'] else 'reference')
+
+
+@pytest.mark.parametrize('case', [CASES[1], CASES[2]], ids=_ids)
+def test_reference_fallback_kernels(case):
+    """The kernels that serve a device without compiled ones are exact too."""
+    q, k, v, rpb = make_inputs(case, torch.float64)
+    ks, dil = list(case[5]), list(case[6])
+    qd, kd, vd, rd = (t.detach() for t in (q, k, v, rpb))
+    compiled = [op('na2d_fused')(qd, kd, vd, rd, ks, dil, 0.4)]
+    out, lse = compiled[0]
+    g = torch.randn_like(out)
+    compiled.append(op('na2d_fused_backward')(g, qd, kd, vd, rd, out, lse, ks, dil, 0.4))
+    expected = [fallback._fused(qd, kd, vd, rd, ks, dil, 0.4)]
+    expected.append(fallback._fused_backward(g, qd, kd, vd, rd, out, lse, ks, dil, 0.4))
+    for got, want in zip(compiled, expected):
+        assert_close_all(got, want, 1e-10, 1e-10)

@@ -1,0 +1,98 @@
+"""Bad arguments raise a Python error naming the argument, before any kernel runs."""
+import pytest
+import torch
+
+from nat_mm.ops import na2d, na2d_av, na2d_qk
+
+SHAPE = (1, 2, 10, 12, 8)
+
+
+def qkv(dtype=torch.float32):
+    return [torch.randn(*SHAPE, dtype=dtype) for _ in range(3)]
+
+
+@pytest.mark.parametrize('kernel_size, match', [
+    (4, 'odd'), (1, 'odd'), ((3, 6), 'odd'), (-3, 'odd'), (0, 'odd'),
+])
+def test_bad_kernel_size(kernel_size, match):
+    q, k, v = qkv()
+    for call in (lambda: na2d(q, k, v, kernel_size), lambda: na2d_qk(q, k, kernel_size)):
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
+@pytest.mark.parametrize('kernel_size', [3.0, 'seven', (3, 3, 3), True, None])
+def test_kernel_size_type(kernel_size):
+    q, k, v = qkv()
+    with pytest.raises(TypeError, match='kernel_size'):
+        na2d(q, k, v, kernel_size)
+
+
+@pytest.mark.parametrize('dilation', [0, -1, (1, 0)])
+def test_bad_dilation(dilation):
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match='dilation'):
+        na2d(q, k, v, 3, dilation)
+
+
+def test_map_smaller_than_window_says_how_much_to_pad():
+    q, k, v = qkv()  # 10 x 12 map
+    with pytest.raises(ValueError, match=r'pad it by 4 rows \(bottom\) and 2 columns'):
+        na2d(q, k, v, 7, 2)
+    with pytest.raises(ValueError, match='smaller than kernel_size'):
+        na2d_qk(q, k, 11)
+
+
+@pytest.mark.parametrize('shape', [(2, 10, 12, 8), (1, 1, 2, 10, 12, 8)])
+def test_wrong_rank(shape):
+    q = torch.randn(*shape)
+    with pytest.raises(ValueError, match='query must be 5-D'):
+        na2d(q, q, q, 3)
+
+
+def test_shape_mismatch():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match='key must have the shape of query'):
+        na2d(q, k[:, :1], v, 3)
+    with pytest.raises(ValueError, match='value must have the shape of query'):
+        na2d(q, k, v[..., :4], 3)
+
+
+def test_dtype_mismatch_and_integer_tensors():
+    q, k, v = qkv()
+    with pytest.raises(TypeError, match='key has dtype torch.float64'):
+        na2d(q, k.double(), v, 3)
+    with pytest.raises(TypeError, match='query must be a floating tensor'):
+        na2d(q.long(), k, v, 3)
+    with pytest.raises(TypeError, match='must be a torch.Tensor'):
+        na2d(q.numpy(), k, v, 3)
+
+
+def test_device_mismatch():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match='value is on meta'):
+        na2d(q, k, v.to('meta'), 3)
+
+
+def test_rpb_checks():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=r'rpb must have shape .* \[2, 5, 5\]'):
+        na2d(q, k, v, 3, rpb=torch.randn(2, 3, 3))
+    with pytest.raises(ValueError, match='rpb must be 3-D'):
+        na2d(q, k, v, 3, rpb=torch.randn(5, 5))
+    with pytest.raises(TypeError, match='rpb has dtype'):
+        na2d_qk(q, k, 3, rpb=torch.randn(2, 5, 5, dtype=torch.float64))
+
+
+def test_attn_checks():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match='attn last dim must be kernel_h\\*kernel_w = 9'):
+        na2d_av(torch.randn(*SHAPE[:4], 25), v, 3)
+    with pytest.raises(ValueError, match='attn and value must agree'):
+        na2d_av(torch.randn(1, 2, 10, 11, 9), v, 3)
+
+
+def test_scale_type():
+    q, k, v = qkv()
+    with pytest.raises(TypeError, match='scale'):
+        na2d(q, k, v, 3, scale='0.1')

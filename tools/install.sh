@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Installs everything nat_mm needs on a fresh machine, then nat_mm itself. Idempotent:
+# what is already there (torch, mmcv with its compiled ops, ...) is kept.
+#   torch      kept if importable, else torch==2.13.0 (CPU build; install a CUDA build of
+#              torch yourself first for GPUs, then run this)
+#   mm stack   mmengine 0.10.7, mmcv 2.1.0 built from source WITH ops (~10 min on 2 cores
+#              the first time; pip caches the wheel), mmdet 3.3.0, mmsegmentation 1.2.2
+#   nat_mm     pip install -e . --no-build-isolation (builds nat_mm._C: C++ kernels, plus
+#              CUDA kernels when torch has CUDA and nvcc exists)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
+say() { printf '==> %s\n' "$*"; }
+
+say "build tools"
+pip_install "setuptools<81" wheel ninja
+if ! "$PY" -c "import torch" 2>/dev/null; then
+    say "torch (CPU build 2.13.0)"
+    pip_install torch==2.13.0
+fi
+say "torch $("$PY" -c 'import torch; print(torch.__version__)')"
+pip_install "mmengine==0.10.7" "numpy" "pytest" "hypothesis" "matplotlib" "pycocotools" \
+    "ftfy" "regex" "psutil"
+if ! "$PY" -c "import mmcv, mmcv.ops; assert mmcv.__version__ == '2.1.0'" 2>/dev/null; then
+    say "mmcv 2.1.0 with ops, from source (about 10 minutes on 2 cores the first time)"
+    MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-2} pip_install --no-build-isolation "mmcv==2.1.0"
+fi
+pip_install "mmdet==3.3.0" "mmsegmentation==1.2.2"
+say "nat_mm (builds the C++/CUDA extension)"
+MAX_JOBS=${MAX_JOBS:-2} pip_install --no-build-isolation -e .
+"$PY" -c "import nat_mm; from nat_mm.ops import backend_info; print('nat_mm', nat_mm.__version__, backend_info())"
