@@ -19,6 +19,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
@@ -338,21 +339,69 @@ at::Tensor reduce_bias_grad(const at::Tensor& partial, const Geometry& g) {
 }
 
 // ------------------------------------------------------------------ softmax
+// Horizontal max and sum of count values (vectorized: no scalar dependency chains).
+template <typename T>
+T max_of(const T* s, int64_t count) {
+  using V = Vec<T>;
+  constexpr int64_t L = V::size();
+  const V lowest(-std::numeric_limits<T>::infinity());
+  V acc = lowest;
+  int64_t i = 0;
+  for (; i + L <= count; i += L) acc = at::vec::maximum(acc, V::loadu(s + i));
+  if (i < count) acc = at::vec::maximum(acc, V::set(lowest, V::loadu(s + i, count - i), count - i));
+  return at::vec::vec_reduce_all<T>([](V& a, V& b) { return at::vec::maximum(a, b); }, acc);
+}
+
+// In place: s <- exp(s - shift); returns the sum of the results.
+template <typename T>
+T exp_shifted(T* s, int64_t count, T shift) {
+  using V = Vec<T>;
+  constexpr int64_t L = V::size();
+  const V vshift(shift);
+  V sum(T(0));
+  int64_t i = 0;
+  for (; i + L <= count; i += L) {
+    const V e = (V::loadu(s + i) - vshift).exp();
+    e.store(s + i);
+    sum = sum + e;
+  }
+  if (i < count) {
+    const V e = (V::loadu(s + i, count - i) - vshift).exp();
+    e.store(s + i, count - i);
+    sum = sum + V::set(V(T(0)), e, count - i);
+  }
+  return at::vec::vec_reduce_all<T>([](V& a, V& b) { return a + b; }, sum);
+}
+
+// s[i] = s[i] * factor, vectorized.
+template <typename T>
+void scale_in_place(T* s, int64_t count, T factor) {
+  using V = Vec<T>;
+  constexpr int64_t L = V::size();
+  const V f(factor);
+  int64_t i = 0;
+  for (; i + L <= count; i += L) (V::loadu(s + i) * f).store(s + i);
+  if (i < count) (V::loadu(s + i, count - i) * f).store(s + i, count - i);
+}
+
+template <typename T>
+T dot(const T* a, const T* b, int64_t count) {
+  using V = Vec<T>;
+  constexpr int64_t L = V::size();
+  V acc(T(0));
+  int64_t i = 0;
+  for (; i + L <= count; i += L) acc = at::vec::fmadd(V::loadu(a + i), V::loadu(b + i), acc);
+  if (i < count) acc = at::vec::fmadd(V::loadu(a + i, count - i), V::loadu(b + i, count - i), acc);
+  return at::vec::vec_reduce_all<T>([](V& x, V& y) { return x + y; }, acc);
+}
+
 // In place: s <- softmax(s); returns log(sum(exp(s))). Non-finite logits give NaN as in
-// torch.softmax (inf - inf), never a silently finite answer.
+// torch.softmax (inf - inf, NaN max), never a silently finite answer.
 template <typename T>
 T softmax_in_place(T* s, int64_t count) {
-  constexpr int64_t L = Vec<T>::size();
-  T max = -std::numeric_limits<T>::infinity();
-  for (int64_t i = 0; i < count; ++i) max = std::max(max, s[i]);
-  const Vec<T> vmax(max);
-  int64_t i = 0;
-  for (; i + L <= count; i += L) (Vec<T>::loadu(s + i) - vmax).exp().store(s + i);
-  if (i < count) (Vec<T>::loadu(s + i, count - i) - vmax).exp().store(s + i, count - i);
-  T sum = T(0);
-  for (int64_t k = 0; k < count; ++k) sum += s[k];
-  const T inv = T(1) / sum;
-  for (int64_t k = 0; k < count; ++k) s[k] *= inv;
+  const T max = max_of(s, count);
+  const T sum = exp_shifted(s, count, max);
+  scale_in_place(s, count, T(1) / sum);
   return max + std::log(sum);
 }
 
@@ -508,7 +557,7 @@ std::tuple<at::Tensor, at::Tensor> na2d_fused_cpu(const at::Tensor& query,
         const int64_t q_index = (qr.plane * g.H + qr.row) * g.W + j;
         window_scores(qp + q_index * g.D, ktp + plane_offset, qr.rw, order.window_base(cw), g,
                       probs.data());
-        for (int64_t n = 0; n < g.window(); ++n) probs[n] *= s;
+        scale_in_place(probs.data(), g.window(), s);
         if (bp) add_bias(probs.data(), bp + (qr.plane % g.heads) * g.bias_bins(), qr.rw, cw, g);
         lp[q_index] = softmax_in_place(probs.data(), g.window());
         neighbor_rows(vp + plane_offset, qr.rw, cw, g, neighbors.data());
@@ -565,14 +614,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_fused_backward_c
         const T* gq_in = gop + q_index * g.D;
         // p = exp(logits - lse), recomputed.
         window_scores(qp + q_index * g.D, ktp + plane_offset, qr.rw, base, g, p.data());
-        for (int64_t n = 0; n < g.window(); ++n) p[n] *= s;
+        scale_in_place(p.data(), g.window(), s);
         if (bp) add_bias(p.data(), bp + (qr.plane % g.heads) * g.bias_bins(), qr.rw, cw, g);
-        const T lse_q = lp[q_index];
-        for (int64_t n = 0; n < g.window(); ++n) p[n] = std::exp(p[n] - lse_q);
+        exp_shifted(p.data(), g.window(), lp[q_index]);
         // dp = grad_out . v[neighbor];  grad_logits = p * (dp - grad_out . out)
         window_scores(gq_in, vtp + plane_offset, qr.rw, base, g, dp.data());
-        T delta = T(0);
-        for (int64_t d = 0; d < g.D; ++d) delta += gq_in[d] * outp[q_index * g.D + d];
+        const T delta = dot(gq_in, outp + q_index * g.D, g.D);
         T* ds = gsp + q_index * g.window();
         for (int64_t n = 0; n < g.window(); ++n) ds[n] = p[n] * (dp[n] - delta);
         std::copy(p.begin(), p.begin() + g.window(), pp + q_index * g.window());
@@ -581,7 +628,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_fused_backward_c
         neighbor_rows(kp + plane_offset, qr.rw, cw, g, neighbors.data());
         T* gq = gqp + q_index * g.D;
         weighted_sum(ds, neighbors.data(), g.window(), g.D, gq);
-        for (int64_t d = 0; d < g.D; ++d) gq[d] *= s;
+        scale_in_place(gq, g.D, s);
       }
     });
   });

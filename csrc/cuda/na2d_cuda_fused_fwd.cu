@@ -115,9 +115,9 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t plane = bh * g.height * g.width;
     const int64_t count = nh * nw * D;
     for (int64_t e = tid; e < count; e += blockDim.x) {
-      const int64_t kk = e / D;
+      const int64_t kk = div_fast(e, D);
       const int64_t d = e - kk * D;
-      const int64_t hr = kk / nw;
+      const int64_t hr = div_fast(kk, nw);
       const int64_t hc = kk - hr * nw;
       const int64_t src =
           (plane + ((k0h + hr) * g.dh + ri) * g.width + (k0w + hc) * g.dw + rj) * D + d;
