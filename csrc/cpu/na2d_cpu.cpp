@@ -129,22 +129,16 @@ struct ColumnOrder {
 template <typename T>
 at::Tensor channels_by_column(const at::Tensor& x, const Geometry& g, const ColumnOrder& order) {
   constexpr int64_t L = Vec<T>::size();
-  const int64_t rows = g.planes * g.H;
-  at::Tensor out = at::empty({rows * g.D * g.W + L}, x.options());
-  const T* src = x.data_ptr<T>();
-  T* dst = out.data_ptr<T>();
-  std::fill(dst + rows * g.D * g.W, dst + rows * g.D * g.W + L, T(0));
-  std::vector<int64_t> positions(g.W);
-  for (int64_t c = 0; c < g.W; ++c) positions[c] = order.position(c);
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const T* s = src + row * g.W * g.D;
-      T* d = dst + row * g.D * g.W;
-      for (int64_t c = 0; c < g.W; ++c) {
-        for (int64_t ch = 0; ch < g.D; ++ch) d[ch * g.W + positions[c]] = s[c * g.D + ch];
-      }
-    }
-  });
+  const int64_t rows = g.planes * g.H, size = rows * g.D * g.W;
+  at::Tensor out = at::empty({size + L}, x.options());
+  out.narrow(0, size, L).zero_();
+  at::Tensor source = x.view({rows, g.W, g.D});
+  if (order.dilation > 1) {
+    std::vector<int64_t> column_at(g.W);  // inverse of position(): column at each position
+    for (int64_t c = 0; c < g.W; ++c) column_at[order.position(c)] = c;
+    source = source.index_select(1, at::tensor(column_at, x.options().dtype(at::kLong)));
+  }
+  out.narrow(0, 0, size).view({rows, g.D, g.W}).copy_(source.transpose(1, 2));  // ATen's blocked transpose
   return out;
 }
 
@@ -208,10 +202,10 @@ void add_bias(T* scores, const T* rpb_head, const AxisWindow& rw, const AxisWind
 }
 
 // ------------------------------------------------------------------ weighted sums
-// out[d0 : d0 + C*L] = sum_t w[t] * src[t][d0 : ...], with G independent partial sums.
+// out[d0 : d0 + C*L] = sum_t w[t * ws] * src[t][d0 : ...], with G independent partial sums.
 template <int C, typename T>
-inline void weighted_sum_block(const T* w, const T* const* src, int64_t terms, int64_t d0,
-                               T* out) {
+inline void weighted_sum_block(const T* w, int64_t ws, const T* const* src, int64_t terms,
+                               int64_t d0, T* out) {
   constexpr int64_t L = Vec<T>::size();
   constexpr int G = C >= 3 ? 2 : 8 / C;
   Vec<T> acc[G][C];
@@ -220,13 +214,13 @@ inline void weighted_sum_block(const T* w, const T* const* src, int64_t terms, i
   int64_t t = 0;
   for (; t + G <= terms; t += G) {
     for (int g = 0; g < G; ++g) {
-      const Vec<T> wt(w[t + g]);
+      const Vec<T> wt(w[(t + g) * ws]);
       const T* s = src[t + g] + d0;
       for (int c = 0; c < C; ++c) acc[g][c] = at::vec::fmadd(wt, Vec<T>::loadu(s + c * L), acc[g][c]);
     }
   }
   for (; t < terms; ++t) {
-    const Vec<T> wt(w[t]);
+    const Vec<T> wt(w[t * ws]);
     const T* s = src[t] + d0;
     for (int c = 0; c < C; ++c) acc[0][c] = at::vec::fmadd(wt, Vec<T>::loadu(s + c * L), acc[0][c]);
   }
@@ -237,22 +231,23 @@ inline void weighted_sum_block(const T* w, const T* const* src, int64_t terms, i
   }
 }
 
-// out[0:D] = sum_t w[t] * src[t][0:D].
+// out[0:D] = sum_t w[t * ws] * src[t][0:D].
 template <typename T>
-void weighted_sum(const T* w, const T* const* src, int64_t terms, int64_t D, T* out) {
+void weighted_sum(const T* w, const T* const* src, int64_t terms, int64_t D, T* out,
+                  int64_t ws = 1) {
   constexpr int64_t L = Vec<T>::size();
   int64_t d0 = 0;
   for (; d0 + L <= D; d0 += 4 * L) {
     switch (std::min<int64_t>(4, (D - d0) / L)) {
-      case 4: weighted_sum_block<4>(w, src, terms, d0, out); break;
-      case 3: weighted_sum_block<3>(w, src, terms, d0, out); break;
-      case 2: weighted_sum_block<2>(w, src, terms, d0, out); break;
-      default: weighted_sum_block<1>(w, src, terms, d0, out); break;
+      case 4: weighted_sum_block<4>(w, ws, src, terms, d0, out); break;
+      case 3: weighted_sum_block<3>(w, ws, src, terms, d0, out); break;
+      case 2: weighted_sum_block<2>(w, ws, src, terms, d0, out); break;
+      default: weighted_sum_block<1>(w, ws, src, terms, d0, out); break;
     }
   }
   for (int64_t d = D - D % L; d < D; ++d) {  // channels past the last full vector
     T sum = T(0);
-    for (int64_t t = 0; t < terms; ++t) sum += w[t] * src[t][d];
+    for (int64_t t = 0; t < terms; ++t) sum += w[t * ws] * src[t][d];
     out[d] = sum;
   }
 }
@@ -268,6 +263,25 @@ void neighbor_rows(const T* plane, const AxisWindow& rw, const AxisWindow& cw,
 }
 
 // ------------------------------------------------------------------ inverse sums
+// The queries that see one index of an axis, with the neighbor number the index has in
+// each of their windows. At most 2k-1 entries (a window clamped at both borders).
+struct InverseAxis {
+  std::vector<int64_t> query, neighbor;
+  int64_t count = 0;
+
+  explicit InverseAxis(int64_t kernel) : query(2 * kernel), neighbor(2 * kernel) {}
+  void fill(int64_t index, int64_t length, int64_t kernel, int64_t dilation,
+            const std::vector<int64_t>& starts) {
+    const InverseRange range = axis_inverse(index, length, kernel, dilation);
+    const int64_t sub = index / dilation;
+    count = 0;
+    for (int64_t s = range.first; s <= range.last; ++s, ++count) {
+      query[count] = range.query(s);
+      neighbor[count] = sub - starts[query[count]];
+    }
+  }
+};
+
 // out[key] = sum over the (query, neighbor) pairs that reach key of w[q, n] * a[q].
 // Parallel over key rows; each key gathers its own terms.
 template <typename T>
@@ -275,29 +289,26 @@ void inverse_sum(const T* w, const T* a, const Geometry& g, T* out) {
   const std::vector<int64_t> row_starts = window_starts(g.H, g.kh, g.dh);
   const std::vector<int64_t> col_starts = window_starts(g.W, g.kw, g.dw);
   at::parallel_for(0, g.planes * g.H, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> weights;
-    std::vector<const T*> sources;
+    InverseAxis rows(g.kh), cols(g.kw);
+    const int64_t max_terms = 4 * g.kh * g.kw;
+    std::vector<T> weights(max_terms);
+    std::vector<const T*> sources(max_terms);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t p = task / g.H, r = task % g.H;
-      const InverseRange rows = axis_inverse(r, g.H, g.kh, g.dh);
-      const int64_t r_sub = r / g.dh;
+      rows.fill(r, g.H, g.kh, g.dh, row_starts);
       for (int64_t c = 0; c < g.W; ++c) {
-        const InverseRange cols = axis_inverse(c, g.W, g.kw, g.dw);
-        const int64_t c_sub = c / g.dw;
-        weights.clear();
-        sources.clear();
-        for (int64_t qs = rows.first; qs <= rows.last; ++qs) {
-          const int64_t qi = rows.query(qs);
-          const int64_t m = r_sub - row_starts[qi];
-          for (int64_t ks = cols.first; ks <= cols.last; ++ks) {
-            const int64_t qj = cols.query(ks);
-            const int64_t n = c_sub - col_starts[qj];
-            const int64_t q = (p * g.H + qi) * g.W + qj;
-            weights.push_back(w[q * g.window() + m * g.kw + n]);
-            sources.push_back(a + q * g.D);
+        cols.fill(c, g.W, g.kw, g.dw, col_starts);
+        int64_t terms = 0;
+        for (int64_t y = 0; y < rows.count; ++y) {
+          const int64_t q_row = (p * g.H + rows.query[y]) * g.W;
+          const T* w_row = w + rows.neighbor[y] * g.kw;
+          for (int64_t x = 0; x < cols.count; ++x, ++terms) {
+            const int64_t q = q_row + cols.query[x];
+            weights[terms] = w_row[q * g.window() + cols.neighbor[x]];
+            sources[terms] = a + q * g.D;
           }
         }
-        weighted_sum(weights.data(), sources.data(), static_cast<int64_t>(weights.size()), g.D,
+        weighted_sum(weights.data(), sources.data(), terms, g.D,
                      out + ((p * g.H + r) * g.W + c) * g.D);
       }
     }
@@ -336,6 +347,100 @@ at::Tensor reduce_bias_grad(const at::Tensor& partial, const Geometry& g) {
     });
   });
   return out;
+}
+
+// ------------------------------------------------------------------ interior runs
+// A run is Vec<T>::size() consecutive queries of one row whose column windows are all
+// unclamped: neighbor n of query j0 + t is column j0 + t + (n - kw/2) * dw for every t.
+// Runs are vectorized over their queries (one lane each) on [row][channel][column] copies
+// of both operands in natural column order: every lane useful, no horizontal sums.
+// Run buffers hold one vector per neighbor: buf[(m * kw + n) * L + t].
+
+template <int N, typename T>
+inline void run_dot_group(const T* a, const T* b, int64_t channel_stride, int64_t dilation,
+                          int64_t D, T* out) {
+  constexpr int64_t L = Vec<T>::size();
+  Vec<T> acc[N];
+  for (int i = 0; i < N; ++i) acc[i] = Vec<T>(T(0));
+  for (int64_t ch = 0; ch < D; ++ch) {
+    const Vec<T> av = Vec<T>::loadu(a + ch * channel_stride);
+    const T* bc = b + ch * channel_stride;
+    for (int i = 0; i < N; ++i) acc[i] = at::vec::fmadd(av, Vec<T>::loadu(bc + i * dilation), acc[i]);
+  }
+  for (int i = 0; i < N; ++i) acc[i].store(out + i * L);
+}
+
+// buf[(m*kw + n)*L + t] = a[query j0 + t] . b[key row m, column j0 + t + (n - kw/2) dw].
+// a_row: the query row of a, [C][W]; b_plane: the plane of b, [H][C][W].
+template <typename T>
+void run_scores(const T* a_row, const T* b_plane, const AxisWindow& rw, int64_t j0,
+                const Geometry& g, T* buf) {
+  constexpr int64_t L = Vec<T>::size();
+  const int64_t first_column = j0 - (g.kw / 2) * g.dw;
+  for (int64_t m = 0; m < g.kh; ++m) {
+    const T* b_row = b_plane + rw.key(m) * g.D * g.W + first_column;
+    for (int64_t n0 = 0; n0 < g.kw; n0 += 8) {
+      const T* b = b_row + n0 * g.dw;
+      T* out = buf + (m * g.kw + n0) * L;
+      switch (std::min<int64_t>(8, g.kw - n0)) {
+        case 8: run_dot_group<8>(a_row + j0, b, g.W, g.dw, g.D, out); break;
+        case 7: run_dot_group<7>(a_row + j0, b, g.W, g.dw, g.D, out); break;
+        case 6: run_dot_group<6>(a_row + j0, b, g.W, g.dw, g.D, out); break;
+        case 5: run_dot_group<5>(a_row + j0, b, g.W, g.dw, g.D, out); break;
+        case 4: run_dot_group<4>(a_row + j0, b, g.W, g.dw, g.D, out); break;
+        case 3: run_dot_group<3>(a_row + j0, b, g.W, g.dw, g.D, out); break;
+        case 2: run_dot_group<2>(a_row + j0, b, g.W, g.dw, g.D, out); break;
+        default: run_dot_group<1>(a_row + j0, b, g.W, g.dw, g.D, out); break;
+      }
+    }
+  }
+}
+
+// The bias of every neighbor of an interior query of one row (the same for the whole run):
+// column bias index n + kw/2.
+template <typename T>
+void run_bias(const T* rpb_head, const AxisWindow& rw, const Geometry& g, T* out) {
+  for (int64_t m = 0; m < g.kh; ++m) {
+    const T* bias = rpb_head + rw.bias(m, g.kh) * (2 * g.kw - 1) + g.kw / 2;
+    for (int64_t n = 0; n < g.kw; ++n) out[m * g.kw + n] = bias[n];
+  }
+}
+
+// buf <- softmax over neighbors of (buf * scale + bias), lane by lane; lse[t] <- log-sum-exp.
+template <typename T>
+void run_softmax(T* buf, int64_t window, const T* bias, T scale, T* lse) {
+  using V = Vec<T>;
+  constexpr int64_t L = V::size();
+  const V vscale(scale);
+  V max(-std::numeric_limits<T>::infinity());
+  for (int64_t n = 0; n < window; ++n) {
+    V x = V::loadu(buf + n * L) * vscale;
+    if (bias) x = x + V(bias[n]);
+    x.store(buf + n * L);
+    max = at::vec::maximum(max, x);
+  }
+  V sum(T(0));
+  for (int64_t n = 0; n < window; ++n) {
+    const V e = (V::loadu(buf + n * L) - max).exp();
+    e.store(buf + n * L);
+    sum = sum + e;
+  }
+  const V inv = V(T(1)) / sum;
+  for (int64_t n = 0; n < window; ++n) (V::loadu(buf + n * L) * inv).store(buf + n * L);
+  (max + sum.log()).store(lse);
+}
+
+// buf <- exp(buf * scale + bias - lse), lane by lane: the probabilities, recomputed.
+template <typename T>
+void run_probabilities(T* buf, int64_t window, const T* bias, T scale, const T* lse) {
+  using V = Vec<T>;
+  constexpr int64_t L = V::size();
+  const V vscale(scale), vlse = V::loadu(lse);
+  for (int64_t n = 0; n < window; ++n) {
+    V x = V::loadu(buf + n * L) * vscale - vlse;
+    if (bias) x = x + V(bias[n]);
+    x.exp().store(buf + n * L);
+  }
 }
 
 // ------------------------------------------------------------------ softmax
@@ -421,6 +526,42 @@ void for_each_query_row(const Geometry& g, F&& body) {
   });
 }
 
+// Calls run(j0) for each interior run of Vec<T>::size() queries of a row, query(j) for
+// every other query (border queries, and rows too narrow for a run).
+template <typename T, typename RunFn, typename QueryFn>
+void walk_row(const Geometry& g, RunFn&& run, QueryFn&& query) {
+  constexpr int64_t L = Vec<T>::size();
+  int64_t j = 0;
+  while (j < g.W) {
+    if (j + L <= g.W && axis_run_is_interior(j, L, g.W, g.kw, g.dw)) {
+      run(j);
+      j += L;
+    } else {
+      query(j);
+      ++j;
+    }
+  }
+}
+
+// The operand copies the kernels read: [row][channel][column] in natural column order (for
+// runs) and in residue-class order (for single queries; the same tensor when dw == 1).
+template <typename T>
+struct ColumnMajor {
+  at::Tensor natural, grouped;
+  ColumnMajor(const at::Tensor& x, const Geometry& g, const ColumnOrder& order)
+      : natural(channels_by_column<T>(x, g, ColumnOrder(g.W, 1))),
+        grouped(g.dw == 1 ? natural : channels_by_column<T>(x, g, order)) {}
+  const T* natural_plane(int64_t plane, const Geometry& g) const {
+    return natural.data_ptr<T>() + plane * g.H * g.D * g.W;
+  }
+  const T* grouped_plane(int64_t plane, const Geometry& g) const {
+    return grouped.data_ptr<T>() + plane * g.H * g.D * g.W;
+  }
+  const T* natural_row(int64_t plane, int64_t row, const Geometry& g) const {
+    return natural_plane(plane, g) + row * g.D * g.W;
+  }
+};
+
 template <typename T>
 const T* optional_data(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;
@@ -442,20 +583,29 @@ at::Tensor na2d_qk_cpu(const at::Tensor& query, const at::Tensor& key,
   const ColumnOrder order(g.W, g.dw);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "nat_mm_na2d_qk_cpu", [&] {
     using T = scalar_t;
-    const at::Tensor kt = channels_by_column<T>(k, g, order);
-    const T *qp = q.data_ptr<T>(), *ktp = kt.data_ptr<T>(), *bp = optional_data<T>(bias);
+    constexpr int64_t L = Vec<T>::size();
+    const ColumnMajor<T> qt(q, g, order), kt(k, g, order);
+    const T *qp = q.data_ptr<T>(), *bp = optional_data<T>(bias);
     T* out = attn.data_ptr<T>();
+    const int64_t K2 = g.window();
     for_each_query_row(g, [&](const QueryRow& qr) {
-      std::vector<T> scores(g.window() + Vec<T>::size());
-      const T* kt_plane = ktp + qr.plane * g.H * g.D * g.W;
-      for (int64_t j = 0; j < g.W; ++j) {
+      std::vector<T> scores(K2 + L), run(K2 * L), run_bias_row(K2, T(0));
+      const T* rpb_head = bp ? bp + (qr.plane % g.heads) * g.bias_bins() : nullptr;
+      if (rpb_head) run_bias(rpb_head, qr.rw, g, run_bias_row.data());
+      const int64_t row_q0 = (qr.plane * g.H + qr.row) * g.W;
+      walk_row<T>(g, [&](int64_t j0) {
+        run_scores(qt.natural_row(qr.plane, qr.row, g), kt.natural_plane(qr.plane, g), qr.rw, j0,
+                   g, run.data());
+        T* dst = out + (row_q0 + j0) * K2;
+        for (int64_t n = 0; n < K2; ++n)
+          for (int64_t t = 0; t < L; ++t) dst[t * K2 + n] = run[n * L + t] + run_bias_row[n];
+      }, [&](int64_t j) {
         const AxisWindow cw = axis_window(j, g.W, g.kw, g.dw);
-        const int64_t q_index = (qr.plane * g.H + qr.row) * g.W + j;
-        window_scores(qp + q_index * g.D, kt_plane, qr.rw, order.window_base(cw), g,
-                      scores.data());
-        if (bp) add_bias(scores.data(), bp + (qr.plane % g.heads) * g.bias_bins(), qr.rw, cw, g);
-        std::copy(scores.begin(), scores.begin() + g.window(), out + q_index * g.window());
-      }
+        window_scores(qp + (row_q0 + j) * g.D, kt.grouped_plane(qr.plane, g), qr.rw,
+                      order.window_base(cw), g, scores.data());
+        if (rpb_head) add_bias(scores.data(), rpb_head, qr.rw, cw, g);
+        std::copy(scores.begin(), scores.begin() + K2, out + (row_q0 + j) * K2);
+      });
     });
   });
   return attn.to(query.scalar_type());
@@ -543,26 +693,39 @@ std::tuple<at::Tensor, at::Tensor> na2d_fused_cpu(const at::Tensor& query,
   const ColumnOrder order(g.W, g.dw);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "nat_mm_na2d_fused_cpu", [&] {
     using T = scalar_t;
-    const at::Tensor kt = channels_by_column<T>(k, g, order);
-    const T *qp = q.data_ptr<T>(), *ktp = kt.data_ptr<T>(), *vp = v.data_ptr<T>();
-    const T* bp = optional_data<T>(bias);
+    constexpr int64_t L = Vec<T>::size();
+    const ColumnMajor<T> qt(q, g, order), kt(k, g, order);
+    const T *qp = q.data_ptr<T>(), *vp = v.data_ptr<T>(), *bp = optional_data<T>(bias);
     T *op = out.data_ptr<T>(), *lp = lse.data_ptr<T>();
     const T s = static_cast<T>(scale);
+    const int64_t K2 = g.window();
     for_each_query_row(g, [&](const QueryRow& qr) {
-      std::vector<T> probs(g.window() + Vec<T>::size());
-      std::vector<const T*> neighbors(g.window());
-      const int64_t plane_offset = qr.plane * g.H * g.W * g.D;
-      for (int64_t j = 0; j < g.W; ++j) {
+      std::vector<T> probs(K2 + L), run(K2 * L), run_bias_row(K2);
+      std::vector<const T*> neighbors(K2);
+      const T* rpb_head = bp ? bp + (qr.plane % g.heads) * g.bias_bins() : nullptr;
+      if (rpb_head) run_bias(rpb_head, qr.rw, g, run_bias_row.data());
+      const T* v_plane = vp + qr.plane * g.H * g.W * g.D;
+      const int64_t row_q0 = (qr.plane * g.H + qr.row) * g.W;
+      // out[q] = sum_n p[n * stride] v[neighbor n of query j]
+      auto attend = [&](int64_t j, const T* p, int64_t stride) {
+        neighbor_rows(v_plane, qr.rw, axis_window(j, g.W, g.kw, g.dw), g, neighbors.data());
+        weighted_sum(p, neighbors.data(), K2, g.D, op + (row_q0 + j) * g.D, stride);
+      };
+      walk_row<T>(g, [&](int64_t j0) {
+        run_scores(qt.natural_row(qr.plane, qr.row, g), kt.natural_plane(qr.plane, g), qr.rw, j0,
+                   g, run.data());
+        run_softmax(run.data(), K2, rpb_head ? run_bias_row.data() : nullptr, s,
+                    lp + row_q0 + j0);
+        for (int64_t t = 0; t < L; ++t) attend(j0 + t, run.data() + t, L);
+      }, [&](int64_t j) {
         const AxisWindow cw = axis_window(j, g.W, g.kw, g.dw);
-        const int64_t q_index = (qr.plane * g.H + qr.row) * g.W + j;
-        window_scores(qp + q_index * g.D, ktp + plane_offset, qr.rw, order.window_base(cw), g,
-                      probs.data());
-        scale_in_place(probs.data(), g.window(), s);
-        if (bp) add_bias(probs.data(), bp + (qr.plane % g.heads) * g.bias_bins(), qr.rw, cw, g);
-        lp[q_index] = softmax_in_place(probs.data(), g.window());
-        neighbor_rows(vp + plane_offset, qr.rw, cw, g, neighbors.data());
-        weighted_sum(probs.data(), neighbors.data(), g.window(), g.D, op + q_index * g.D);
-      }
+        window_scores(qp + (row_q0 + j) * g.D, kt.grouped_plane(qr.plane, g), qr.rw,
+                      order.window_base(cw), g, probs.data());
+        scale_in_place(probs.data(), K2, s);
+        if (rpb_head) add_bias(probs.data(), rpb_head, qr.rw, cw, g);
+        lp[row_q0 + j] = softmax_in_place(probs.data(), K2);
+        attend(j, probs.data(), 1);
+      });
     });
   });
   return {out.to(query.scalar_type()), lse};
@@ -593,43 +756,77 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_fused_backward_c
   const ColumnOrder order(g.W, g.dw);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "nat_mm_na2d_fused_backward_cpu", [&] {
     using T = scalar_t;
-    const at::Tensor kt = channels_by_column<T>(k, g, order);
-    const at::Tensor vt = channels_by_column<T>(v, g, order);
-    const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *ktp = kt.data_ptr<T>();
-    const T *vtp = vt.data_ptr<T>(), *gop = go.data_ptr<T>(), *outp = o.data_ptr<T>();
-    const T *lp = l.data_ptr<T>(), *bp = optional_data<T>(bias);
+    constexpr int64_t L = Vec<T>::size();
+    const ColumnMajor<T> qt(q, g, order), kt(k, g, order), vt(v, g, order), got(go, g, order);
+    const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *gop = go.data_ptr<T>();
+    const T *outp = o.data_ptr<T>(), *lp = l.data_ptr<T>(), *bp = optional_data<T>(bias);
     T *pp = probs.data_ptr<T>(), *gsp = grad_logits.data_ptr<T>(), *gqp = grad_q.data_ptr<T>();
     T* bins = partial.data_ptr<T>();
     const T s = static_cast<T>(scale);
+    const int64_t K2 = g.window(), half = g.kw / 2, bias_width = 2 * g.kw - 1;
     for_each_query_row(g, [&](const QueryRow& qr) {
-      const int64_t slack = Vec<T>::size();
-      std::vector<T> p(g.window() + slack), dp(g.window() + slack);
-      std::vector<const T*> neighbors(g.window());
-      const int64_t plane_offset = qr.plane * g.H * g.W * g.D;
+      std::vector<T> p(K2 + L), dp(K2 + L), run_p(K2 * L), run_dp(K2 * L), run_bias_row(K2);
+      std::vector<T> delta(L);
+      std::vector<const T*> neighbors(K2);
+      const T* rpb_head = bp ? bp + (qr.plane % g.heads) * g.bias_bins() : nullptr;
+      if (rpb_head) run_bias(rpb_head, qr.rw, g, run_bias_row.data());
+      const T* k_plane = kp + qr.plane * g.H * g.W * g.D;
+      const int64_t row_q0 = (qr.plane * g.H + qr.row) * g.W;
       T* row_bins = bins + (qr.plane * g.H + qr.row) * g.bias_bins();
-      for (int64_t j = 0; j < g.W; ++j) {
+      // grad_q[q] = scale * sum_n ds[n * stride] k[neighbor n of query j]
+      auto grad_query = [&](int64_t j, const T* ds, int64_t stride) {
+        neighbor_rows(k_plane, qr.rw, axis_window(j, g.W, g.kw, g.dw), g, neighbors.data());
+        T* gq = gqp + (row_q0 + j) * g.D;
+        weighted_sum(ds, neighbors.data(), K2, g.D, gq, stride);
+        scale_in_place(gq, g.D, s);
+      };
+      walk_row<T>(g, [&](int64_t j0) {
+        using V = Vec<T>;
+        run_scores(qt.natural_row(qr.plane, qr.row, g), kt.natural_plane(qr.plane, g), qr.rw, j0,
+                   g, run_p.data());
+        run_probabilities(run_p.data(), K2, rpb_head ? run_bias_row.data() : nullptr, s,
+                          lp + row_q0 + j0);
+        run_scores(got.natural_row(qr.plane, qr.row, g), vt.natural_plane(qr.plane, g), qr.rw, j0,
+                   g, run_dp.data());
+        for (int64_t t = 0; t < L; ++t) {
+          const int64_t q_index = row_q0 + j0 + t;
+          delta[t] = dot(gop + q_index * g.D, outp + q_index * g.D, g.D);
+        }
+        const V vdelta = V::loadu(delta.data());
+        for (int64_t n = 0; n < K2; ++n) {  // ds = p * (dp - delta), into run_dp
+          const V pn = V::loadu(run_p.data() + n * L);
+          const V ds = pn * (V::loadu(run_dp.data() + n * L) - vdelta);
+          ds.store(run_dp.data() + n * L);
+          const int64_t m = n / g.kw, c = n % g.kw;
+          row_bins[qr.rw.bias(m, g.kh) * bias_width + c + half] +=
+              at::vec::vec_reduce_all<T>([](V& a, V& b) { return a + b; }, ds);
+        }
+        for (int64_t n = 0; n < K2; ++n) {
+          for (int64_t t = 0; t < L; ++t) {
+            pp[(row_q0 + j0 + t) * K2 + n] = run_p[n * L + t];
+            gsp[(row_q0 + j0 + t) * K2 + n] = run_dp[n * L + t];
+          }
+        }
+        for (int64_t t = 0; t < L; ++t) grad_query(j0 + t, run_dp.data() + t, L);
+      }, [&](int64_t j) {
         const AxisWindow cw = axis_window(j, g.W, g.kw, g.dw);
         const int64_t base = order.window_base(cw);
-        const int64_t q_index = (qr.plane * g.H + qr.row) * g.W + j;
+        const int64_t q_index = row_q0 + j;
         const T* gq_in = gop + q_index * g.D;
         // p = exp(logits - lse), recomputed.
-        window_scores(qp + q_index * g.D, ktp + plane_offset, qr.rw, base, g, p.data());
-        scale_in_place(p.data(), g.window(), s);
-        if (bp) add_bias(p.data(), bp + (qr.plane % g.heads) * g.bias_bins(), qr.rw, cw, g);
-        exp_shifted(p.data(), g.window(), lp[q_index]);
+        window_scores(qp + q_index * g.D, kt.grouped_plane(qr.plane, g), qr.rw, base, g, p.data());
+        scale_in_place(p.data(), K2, s);
+        if (rpb_head) add_bias(p.data(), rpb_head, qr.rw, cw, g);
+        exp_shifted(p.data(), K2, lp[q_index]);
         // dp = grad_out . v[neighbor];  grad_logits = p * (dp - grad_out . out)
-        window_scores(gq_in, vtp + plane_offset, qr.rw, base, g, dp.data());
-        const T delta = dot(gq_in, outp + q_index * g.D, g.D);
-        T* ds = gsp + q_index * g.window();
-        for (int64_t n = 0; n < g.window(); ++n) ds[n] = p[n] * (dp[n] - delta);
-        std::copy(p.begin(), p.begin() + g.window(), pp + q_index * g.window());
+        window_scores(gq_in, vt.grouped_plane(qr.plane, g), qr.rw, base, g, dp.data());
+        const T d = dot(gq_in, outp + q_index * g.D, g.D);
+        T* ds = gsp + q_index * K2;
+        for (int64_t n = 0; n < K2; ++n) ds[n] = p[n] * (dp[n] - d);
+        std::copy(p.begin(), p.begin() + K2, pp + q_index * K2);
         accumulate_bias_grad(ds, qr.rw, cw, g, row_bins);
-        // grad_q = scale * sum_n ds[n] k[neighbor n]
-        neighbor_rows(kp + plane_offset, qr.rw, cw, g, neighbors.data());
-        T* gq = gqp + q_index * g.D;
-        weighted_sum(ds, neighbors.data(), g.window(), g.D, gq);
-        scale_in_place(gq, g.D, s);
-      }
+        grad_query(j, ds, 1);
+      });
     });
   });
   at::Tensor grad_k = at::empty(q.sizes(), q.options());
