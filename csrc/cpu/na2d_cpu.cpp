@@ -282,37 +282,101 @@ struct InverseAxis {
   }
 };
 
-// out[key] = sum over the (query, neighbor) pairs that reach key of w[q, n] * a[q].
-// Parallel over key rows; each key gathers its own terms.
+// Weights of the inverse sums are neighbor-major: w[plane][row][n][column], so the weights
+// of consecutive queries for one neighbor are contiguous.
+//
+// A key run: Vec<T>::size() consecutive keys of one row at least kw*dw from both column
+// borders. Every query that sees such a key has an unclamped window, so key c is neighbor
+// n of query column c + (kw/2 - n) * dw exactly (one query per n), and the run is
+// vectorized over its keys like the query runs.
+template <int N, typename T>
+inline void run_inverse_group(const T* w, const T* const* a_rows, int64_t count,
+                              const int64_t* w_offset, const int64_t* a_offset, int64_t a_shift,
+                              int64_t channel_stride, T* out, int64_t out_stride) {
+  Vec<T> acc[N];
+  for (int i = 0; i < N; ++i) acc[i] = Vec<T>(T(0));
+  for (int64_t term = 0; term < count; ++term) {
+    const Vec<T> wv = Vec<T>::loadu(w + w_offset[term]);
+    const T* a = a_rows[term] + a_offset[term] + a_shift;
+    for (int i = 0; i < N; ++i)
+      acc[i] = at::vec::fmadd(wv, Vec<T>::loadu(a + i * channel_stride), acc[i]);
+  }
+  for (int i = 0; i < N; ++i) acc[i].store(out + i * out_stride);
+}
+
+// out[key][:] = sum over the (query, neighbor) pairs that reach key of w[q, n] * a[q][:].
+// a: [plane][row][col][C]; a_t: the same as [plane][row][C][col] (for key runs). Parallel
+// over key rows; each key gathers its own terms: deterministic, no atomics.
 template <typename T>
-void inverse_sum(const T* w, const T* a, const Geometry& g, T* out) {
+void inverse_sum(const T* w, const T* a, const T* a_t, const Geometry& g, T* out) {
+  constexpr int64_t L = Vec<T>::size();
   const std::vector<int64_t> row_starts = window_starts(g.H, g.kh, g.dh);
   const std::vector<int64_t> col_starts = window_starts(g.W, g.kw, g.dw);
+  const int64_t K2 = g.window(), half = g.kw / 2;
   at::parallel_for(0, g.planes * g.H, 1, [&](int64_t begin, int64_t end) {
     InverseAxis rows(g.kh), cols(g.kw);
-    const int64_t max_terms = 4 * g.kh * g.kw;
-    std::vector<T> weights(max_terms);
+    const int64_t max_terms = 4 * K2;
+    std::vector<T> weights(max_terms), block(g.D * L);
     std::vector<const T*> sources(max_terms);
+    std::vector<int64_t> w_offset(max_terms), a_offset(max_terms);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t p = task / g.H, r = task % g.H;
       rows.fill(r, g.H, g.kh, g.dh, row_starts);
-      for (int64_t c = 0; c < g.W; ++c) {
+      T* out_row = out + (p * g.H + r) * g.W * g.D;
+      int64_t c = 0;
+      while (c < g.W) {
+        if (c + L <= g.W && axis_run_is_interior(c, L, g.W, 2 * g.kw + 1, g.dw)) {
+          // terms (query row y, neighbor n): weights w[qi][m*kw + n][c + (half - n) dw + t]
+          int64_t terms = 0;
+          for (int64_t y = 0; y < rows.count; ++y) {
+            const int64_t qi = p * g.H + rows.query[y];
+            for (int64_t n = 0; n < g.kw; ++n, ++terms) {
+              const int64_t column = c + (half - n) * g.dw;
+              w_offset[terms] = (qi * K2 + rows.neighbor[y] * g.kw + n) * g.W + column;
+              sources[terms] = a_t + qi * g.D * g.W;
+              a_offset[terms] = column;
+            }
+          }
+          for (int64_t d0 = 0; d0 < g.D; d0 += 8) {
+            T* dst = block.data() + d0 * L;
+            const T* const* src = sources.data();
+            const int64_t *wo = w_offset.data(), *ao = a_offset.data(), shift = d0 * g.W;
+            switch (std::min<int64_t>(8, g.D - d0)) {
+              case 8: run_inverse_group<8>(w, src, terms, wo, ao, shift, g.W, dst, L); break;
+              case 7: run_inverse_group<7>(w, src, terms, wo, ao, shift, g.W, dst, L); break;
+              case 6: run_inverse_group<6>(w, src, terms, wo, ao, shift, g.W, dst, L); break;
+              case 5: run_inverse_group<5>(w, src, terms, wo, ao, shift, g.W, dst, L); break;
+              case 4: run_inverse_group<4>(w, src, terms, wo, ao, shift, g.W, dst, L); break;
+              case 3: run_inverse_group<3>(w, src, terms, wo, ao, shift, g.W, dst, L); break;
+              case 2: run_inverse_group<2>(w, src, terms, wo, ao, shift, g.W, dst, L); break;
+              default: run_inverse_group<1>(w, src, terms, wo, ao, shift, g.W, dst, L); break;
+            }
+          }
+          for (int64_t t = 0; t < L; ++t)
+            for (int64_t d = 0; d < g.D; ++d) out_row[(c + t) * g.D + d] = block[d * L + t];
+          c += L;
+          continue;
+        }
         cols.fill(c, g.W, g.kw, g.dw, col_starts);
         int64_t terms = 0;
         for (int64_t y = 0; y < rows.count; ++y) {
-          const int64_t q_row = (p * g.H + rows.query[y]) * g.W;
-          const T* w_row = w + rows.neighbor[y] * g.kw;
+          const int64_t qi = p * g.H + rows.query[y];
+          const T* w_row = w + (qi * K2 + rows.neighbor[y] * g.kw) * g.W;
           for (int64_t x = 0; x < cols.count; ++x, ++terms) {
-            const int64_t q = q_row + cols.query[x];
-            weights[terms] = w_row[q * g.window() + cols.neighbor[x]];
-            sources[terms] = a + q * g.D;
+            weights[terms] = w_row[cols.neighbor[x] * g.W + cols.query[x]];
+            sources[terms] = a + (qi * g.W + cols.query[x]) * g.D;
           }
         }
-        weighted_sum(weights.data(), sources.data(), terms, g.D,
-                     out + ((p * g.H + r) * g.W + c) * g.D);
+        weighted_sum(weights.data(), sources.data(), terms, g.D, out_row + c * g.D);
+        ++c;
       }
     }
   });
+}
+
+// [plane][row][col][n] -> [plane][row][n][col], the layout inverse_sum reads.
+at::Tensor neighbor_major(const at::Tensor& w, const Geometry& g) {
+  return w.view({g.planes * g.H, g.W, g.window()}).transpose(1, 2).contiguous();
 }
 
 // ------------------------------------------------------------------ rpb gradient
@@ -642,10 +706,12 @@ at::Tensor na2d_inverse_cpu(const at::Tensor& weights, const at::Tensor& source,
   const Geometry g(source, kernel_size, dilation);
   check_cpu_like(source, "source", source, source.sizes());
   check_cpu_like(weights, "weights", source, attn_sizes(g));
-  const at::Tensor w = as_compute(weights), a = as_compute(source);
+  const at::Tensor w = neighbor_major(as_compute(weights), g), a = as_compute(source);
   at::Tensor out = at::empty(a.sizes(), a.options());
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "nat_mm_na2d_inverse_cpu", [&] {
-    inverse_sum(w.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), g, out.data_ptr<scalar_t>());
+    using T = scalar_t;
+    const at::Tensor a_t = channels_by_column<T>(a, g, ColumnOrder(g.W, 1));
+    inverse_sum(w.data_ptr<T>(), a.data_ptr<T>(), a_t.data_ptr<T>(), g, out.data_ptr<T>());
   });
   return out.to(source.scalar_type());
 }
@@ -748,16 +814,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_fused_backward_c
   const at::Tensor go = as_compute(grad_out), o = as_compute(out);
   const at::Tensor l = lse.to(q.scalar_type()).contiguous();
   const at::Tensor bias = rpb.has_value() ? as_compute(*rpb) : at::Tensor();
-  // Probabilities and logit gradients of every query, needed again by the key-side pass.
-  at::Tensor probs = at::empty(attn_sizes(g), q.options());
-  at::Tensor grad_logits = at::empty(attn_sizes(g), q.options());
+  // Probabilities and logit gradients of every query (neighbor-major), for the key side.
+  at::Tensor probs = at::empty({g.planes * g.H, g.window(), g.W}, q.options());
+  at::Tensor grad_logits = at::empty({g.planes * g.H, g.window(), g.W}, q.options());
   at::Tensor grad_q = at::empty(q.sizes(), q.options());
   at::Tensor partial = at::zeros({g.planes * g.H, g.bias_bins()}, q.options());
   const ColumnOrder order(g.W, g.dw);
+  at::Tensor qt_natural, got_natural;  // reused by the key-side pass
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "nat_mm_na2d_fused_backward_cpu", [&] {
     using T = scalar_t;
     constexpr int64_t L = Vec<T>::size();
     const ColumnMajor<T> qt(q, g, order), kt(k, g, order), vt(v, g, order), got(go, g, order);
+    qt_natural = qt.natural;
+    got_natural = got.natural;
     const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *gop = go.data_ptr<T>();
     const T *outp = o.data_ptr<T>(), *lp = l.data_ptr<T>(), *bp = optional_data<T>(bias);
     T *pp = probs.data_ptr<T>(), *gsp = grad_logits.data_ptr<T>(), *gqp = grad_q.data_ptr<T>();
@@ -771,8 +840,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_fused_backward_c
       const T* rpb_head = bp ? bp + (qr.plane % g.heads) * g.bias_bins() : nullptr;
       if (rpb_head) run_bias(rpb_head, qr.rw, g, run_bias_row.data());
       const T* k_plane = kp + qr.plane * g.H * g.W * g.D;
-      const int64_t row_q0 = (qr.plane * g.H + qr.row) * g.W;
-      T* row_bins = bins + (qr.plane * g.H + qr.row) * g.bias_bins();
+      const int64_t row_task = qr.plane * g.H + qr.row, row_q0 = row_task * g.W;
+      T* row_bins = bins + row_task * g.bias_bins();
       // grad_q[q] = scale * sum_n ds[n * stride] k[neighbor n of query j]
       auto grad_query = [&](int64_t j, const T* ds, int64_t stride) {
         neighbor_rows(k_plane, qr.rw, axis_window(j, g.W, g.kw, g.dw), g, neighbors.data());
@@ -802,10 +871,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_fused_backward_c
               at::vec::vec_reduce_all<T>([](V& a, V& b) { return a + b; }, ds);
         }
         for (int64_t n = 0; n < K2; ++n) {
-          for (int64_t t = 0; t < L; ++t) {
-            pp[(row_q0 + j0 + t) * K2 + n] = run_p[n * L + t];
-            gsp[(row_q0 + j0 + t) * K2 + n] = run_dp[n * L + t];
-          }
+          V::loadu(run_p.data() + n * L).store(pp + (row_task * K2 + n) * g.W + j0);
+          V::loadu(run_dp.data() + n * L).store(gsp + (row_task * K2 + n) * g.W + j0);
         }
         for (int64_t t = 0; t < L; ++t) grad_query(j0 + t, run_dp.data() + t, L);
       }, [&](int64_t j) {
@@ -821,9 +888,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_fused_backward_c
         // dp = grad_out . v[neighbor];  grad_logits = p * (dp - grad_out . out)
         window_scores(gq_in, vt.grouped_plane(qr.plane, g), qr.rw, base, g, dp.data());
         const T d = dot(gq_in, outp + q_index * g.D, g.D);
-        T* ds = gsp + q_index * K2;
-        for (int64_t n = 0; n < K2; ++n) ds[n] = p[n] * (dp[n] - d);
-        std::copy(p.begin(), p.begin() + K2, pp + q_index * K2);
+        T* ds = dp.data();
+        for (int64_t n = 0; n < K2; ++n) {
+          ds[n] = p[n] * (dp[n] - d);
+          pp[(row_task * K2 + n) * g.W + j] = p[n];
+          gsp[(row_task * K2 + n) * g.W + j] = ds[n];
+        }
         accumulate_bias_grad(ds, qr.rw, cw, g, row_bins);
         grad_query(j, ds, 1);
       });
@@ -833,8 +903,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_fused_backward_c
   at::Tensor grad_v = at::empty(q.sizes(), q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "nat_mm_na2d_fused_backward_cpu_keys", [&] {
     using T = scalar_t;
-    inverse_sum(grad_logits.data_ptr<T>(), q.data_ptr<T>(), g, grad_k.data_ptr<T>());
-    inverse_sum(probs.data_ptr<T>(), go.data_ptr<T>(), g, grad_v.data_ptr<T>());
+    inverse_sum(grad_logits.data_ptr<T>(), q.data_ptr<T>(), qt_natural.data_ptr<T>(), g,
+                grad_k.data_ptr<T>());
+    inverse_sum(probs.data_ptr<T>(), go.data_ptr<T>(), got_natural.data_ptr<T>(), g,
+                grad_v.data_ptr<T>());
   });
   grad_k.mul_(scale);
   const auto dtype = query.scalar_type();
