@@ -1,0 +1,331 @@
+"""GPU benchmark of nat_mm's neighborhood attention against the alternatives.
+
+Methods (all at kernel/window 7, head_dim 32, with a relative position bias unless noted):
+  nat_fused      nat_mm.ops.na2d (fused CUDA kernels, rpb)
+  nat_unfused    na2d_qk -> softmax -> na2d_av (attention map in memory, rpb)
+  sdpa_window    Swin-style window attention: pad to /7, partition into 7x7 windows,
+                 F.scaled_dot_product_attention with the [heads, 49, 49] bias, reverse
+  sdpa_window_nobias  the same without bias (lets SDPA pick flash attention)
+  flex           FlexAttention over the flattened map with a neighborhood block mask and
+                 the rpb as score_mod (torch.compile'd)
+  reference      nat_mm's pure-PyTorch reference
+Shapes: NAT-Tiny classification 224px (batch 64; maps 56, 28, 14, 7; heads 2, 4, 8, 16)
+and detection 800x1344 (batch 2; maps 200x336, 100x168, 50x84, 25x42).
+Modes fwd and fwd+bwd; dtypes bf16, fp16, fp32 (in that order, until --budget-s runs out).
+
+Reported per (shape, dtype, mode, method): mean ms (CUDA events), achieved TFLOP/s counting
+the neighborhood-attention FLOPs (fwd 4*B*h*H*W*49*D; fwd+bwd 3.5x that, the usual
+flash-attention count with the recomputation in backward), the peak memory above the
+inputs, and ratios nat_fused / other. JSON with --json.
+
+    python tools/benchmark_gpu.py --json bench.json [--budget-s 150] [--quick]
+    python tools/benchmark_gpu.py --device cpu --tiny      # smoke test of the harness
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from nat_mm.ops import backend_info, na2d, na2d_av, na2d_qk, na2d_reference  # noqa: E402
+
+KERNEL = 7
+HEAD_DIM = 32
+HEADS = (2, 4, 8, 16)
+SHAPES = {
+    'cls224': (64, [(56, 56), (28, 28), (14, 14), (7, 7)]),
+    'det800x1344': (2, [(200, 336), (100, 168), (50, 84), (25, 42)]),
+}
+TINY = {'tiny': (2, [(14, 14), (9, 12)])}
+DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}
+METHODS = ('nat_fused', 'nat_unfused', 'sdpa_window', 'sdpa_window_nobias', 'flex',
+           'reference')
+
+
+# ---------------------------------------------------------------- methods
+def nat_fused(q, k, v, rpb, scale):
+    return na2d(q, k, v, KERNEL, 1, rpb=rpb, scale=scale)
+
+
+def nat_unfused(q, k, v, rpb, scale):
+    return na2d_av(na2d_qk(q * scale, k, KERNEL, 1, rpb=rpb).softmax(-1), v, KERNEL, 1)
+
+
+def reference(q, k, v, rpb, scale):
+    return na2d_reference(q, k, v, (KERNEL, KERNEL), (1, 1), rpb=rpb, scale=scale)
+
+
+def window_bias(rpb):
+    """Swin's [heads, 49, 49] bias from a [heads, 13, 13] relative position table."""
+    idx = torch.arange(KERNEL, device=rpb.device)
+    qi, qj = torch.meshgrid(idx, idx, indexing='ij')
+    qi, qj = qi.reshape(-1), qj.reshape(-1)
+    di = qi[None, :] - qi[:, None] + KERNEL - 1  # key - query
+    dj = qj[None, :] - qj[:, None] + KERNEL - 1
+    return rpb[:, di, dj]
+
+
+def _partition(x):
+    b, h, height, width, d = x.shape
+    ph, pw = (-height) % KERNEL, (-width) % KERNEL
+    if ph or pw:
+        x = F.pad(x, (0, 0, 0, pw, 0, ph))
+    hh, ww = (height + ph) // KERNEL, (width + pw) // KERNEL
+    x = x.reshape(b, h, hh, KERNEL, ww, KERNEL, d).permute(0, 2, 4, 1, 3, 5, 6)
+    return x.reshape(b * hh * ww, h, KERNEL * KERNEL, d), (b, h, height, width, d, hh, ww)
+
+
+def _reverse(x, meta):
+    b, h, height, width, d, hh, ww = meta
+    x = x.reshape(b, hh, ww, h, KERNEL, KERNEL, d).permute(0, 3, 1, 4, 2, 5, 6)
+    return x.reshape(b, h, hh * KERNEL, ww * KERNEL, d)[:, :, :height, :width]
+
+
+def sdpa_window(q, k, v, rpb, scale):
+    (qw, meta), (kw, _), (vw, _) = _partition(q), _partition(k), _partition(v)
+    bias = window_bias(rpb).to(q.dtype)[None] if rpb is not None else None
+    out = F.scaled_dot_product_attention(qw, kw, vw, attn_mask=bias, scale=scale)
+    return _reverse(out, meta)
+
+
+def sdpa_window_nobias(q, k, v, rpb, scale):
+    return sdpa_window(q, k, v, None, scale)
+
+
+_flex_cache = {}
+
+
+def make_flex(height, width, device):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    half = KERNEL // 2
+
+    def start(i, length):
+        return torch.clamp(i - half, 0, length - KERNEL)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        qi, qj = q_idx // width, q_idx % width
+        ki, kj = kv_idx // width, kv_idx % width
+        si, sj = start(qi, height), start(qj, width)
+        return (ki >= si) & (ki < si + KERNEL) & (kj >= sj) & (kj < sj + KERNEL)
+
+    key = (height, width, str(device))
+    if key not in _flex_cache:
+        block_mask = create_block_mask(mask_mod, None, None, height * width, height * width,
+                                       device=device)
+        _flex_cache[key] = (block_mask, torch.compile(flex_attention, dynamic=False))
+    block_mask, compiled = _flex_cache[key]
+
+    def run(q, k, v, rpb, scale):
+        b, h, hh, ww, d = q.shape
+
+        def score_mod(score, bb, hd, q_idx, kv_idx):
+            di = torch.clamp(kv_idx // width - q_idx // width + KERNEL - 1, 0, 2 * KERNEL - 2)
+            dj = torch.clamp(kv_idx % width - q_idx % width + KERNEL - 1, 0, 2 * KERNEL - 2)
+            return score + rpb[hd, di, dj]
+
+        flat = lambda t: t.reshape(b, h, hh * ww, d)
+        out = compiled(flat(q), flat(k), flat(v), score_mod=score_mod, block_mask=block_mask,
+                       scale=scale)
+        return out.reshape(b, h, hh, ww, d)
+
+    return run
+
+
+# ---------------------------------------------------------------- timing
+def _sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn, device, min_time=0.05, max_iters=30, warmup=2):
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    t_end = time.perf_counter() + min_time
+    while len(times) < max_iters and (len(times) < 3 or time.perf_counter() < t_end):
+        if device.type == 'cuda':
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            stop.record()
+            stop.synchronize()
+            times.append(start.elapsed_time(stop))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return sum(times[: max(1, len(times) * 3 // 4)]) / max(1, len(times) * 3 // 4)  # trim slow tail
+
+
+def peak_memory_mib(fn, device):
+    if device.type != 'cuda':
+        return None
+    _sync(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    _sync(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+
+
+def na_flops(batch, heads, height, width):
+    return 4.0 * batch * heads * height * width * KERNEL * KERNEL * HEAD_DIM
+
+
+def compute_ratios(records):
+    """nat_fused time / other time for each (task, stage, dtype, mode)."""
+    by_key = {}
+    for r in records:
+        if 'ms' in r:
+            key = (r['task'], r['stage'], r['dtype'], r['mode'])
+            by_key.setdefault(key, {})[r['method']] = r['ms']
+    ratios = []
+    for (task, stage, dname, mode), times in sorted(by_key.items()):
+        if 'nat_fused' not in times:
+            continue
+        entry = {'task': task, 'stage': stage, 'dtype': dname, 'mode': mode}
+        for other, ms in sorted(times.items()):
+            if other != 'nat_fused':
+                entry[f'nat_fused/{other}'] = times['nat_fused'] / ms
+        ratios.append(entry)
+    return ratios
+
+
+# ---------------------------------------------------------------- main
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--json', help='write the results here')
+    parser.add_argument('--budget-s', type=float, default=240.0,
+                        help='stop starting new configurations after this many seconds')
+    parser.add_argument('--dtypes', default='bf16,fp16,fp32')
+    parser.add_argument('--methods', default=','.join(METHODS))
+    parser.add_argument('--flex-dtypes', default='bf16',
+                        help='dtypes for flex (each shape compiles; default bf16 only)')
+    parser.add_argument('--reference-dtypes', default='bf16')
+    parser.add_argument('--quick', action='store_true', help='fewer timing iterations')
+    parser.add_argument('--tiny', action='store_true', help='tiny shapes (harness smoke test)')
+    parser.add_argument('--device', default='cuda')
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        print('benchmark_gpu: no CUDA device', file=sys.stderr)
+        return 2
+    t_start = time.perf_counter()
+    shapes = TINY if args.tiny else SHAPES
+    dtypes = [d for d in args.dtypes.split(',') if d]
+    methods = [m for m in args.methods.split(',') if m]
+    if device.type != 'cuda':
+        methods = [m for m in methods if m != 'flex']
+    flex_dtypes = set(args.flex_dtypes.split(','))
+    ref_dtypes = set(args.reference_dtypes.split(','))
+    timing = dict(min_time=0.02, max_iters=10) if args.quick else {}
+
+    env = {'torch': torch.__version__, 'cuda': torch.version.cuda,
+           'device': torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu',
+           'backend': {k: v for k, v in backend_info().items() if k != 'extension_error'},
+           'kernel': KERNEL, 'head_dim': HEAD_DIM}
+    print(f"benchmark_gpu: {env['device']}, torch {env['torch']}, backend {env['backend']}")
+    records = []
+    fns = {'nat_fused': nat_fused, 'nat_unfused': nat_unfused, 'sdpa_window': sdpa_window,
+           'sdpa_window_nobias': sdpa_window_nobias, 'reference': reference}
+    # Phases in priority order: the fast methods in every dtype first, then flex (one
+    # compile per shape), then the slow reference.
+    fast = [m for m in methods if m not in ('flex', 'reference')]
+    phases = [(d, fast) for d in dtypes]
+    if 'flex' in methods:
+        phases += [(d, ['flex']) for d in dtypes if d in flex_dtypes]
+    if 'reference' in methods:
+        phases += [(d, ['reference']) for d in dtypes if d in ref_dtypes]
+    stopped = None
+
+    def dump():
+        if args.json:
+            summary = {'env': env, 'records': records, 'ratios': compute_ratios(records),
+                       'stopped_early': stopped, 'seconds': time.perf_counter() - t_start}
+            with open(args.json + '.tmp', 'w') as f:
+                json.dump(summary, f, indent=1)
+            os.replace(args.json + '.tmp', args.json)
+
+    for dname, phase_methods in phases:
+        dtype = DTYPES[dname]
+        for task, (batch, maps) in shapes.items():
+            for stage, ((height, width), heads) in enumerate(zip(maps, HEADS), start=1):
+                if time.perf_counter() - t_start > args.budget_s:
+                    stopped = f'budget of {args.budget_s:.0f} s reached'
+                    break
+                gen = torch.Generator(device='cpu').manual_seed(stage)
+                shape = (batch, heads, height, width, HEAD_DIM)
+                q, k, v = (torch.randn(shape, generator=gen).to(device, dtype) for _ in range(3))
+                rpb = (0.02 * torch.randn(heads, 2 * KERNEL - 1, 2 * KERNEL - 1,
+                                          generator=gen)).to(device, dtype)
+                grad = torch.randn(shape, generator=gen).to(device, dtype)
+                scale = HEAD_DIM ** -0.5
+                flops = na_flops(batch, heads, height, width)
+                for method in phase_methods:
+                    for mode in ('fwd', 'fwd+bwd'):
+                        if time.perf_counter() - t_start > args.budget_s:
+                            stopped = f'budget of {args.budget_s:.0f} s reached'
+                            break
+                        rec = {'task': task, 'stage': stage, 'shape': list(shape),
+                               'dtype': dname, 'mode': mode, 'method': method}
+                        try:
+                            if method == 'flex':
+                                fn = make_flex(height, width, device)
+                            else:
+                                fn = fns[method]
+                            if mode == 'fwd':
+                                leaves = (q, k, v, rpb)
+
+                                def call():
+                                    with torch.no_grad():
+                                        return fn(*leaves, scale)
+                            else:
+                                leaves = tuple(t.detach().requires_grad_() for t in (q, k, v, rpb))
+
+                                def call():
+                                    out = fn(*leaves, scale)
+                                    torch.autograd.grad(out, leaves, grad, allow_unused=True)
+                            ms = time_fn(call, device, **timing)
+                            rec['ms'] = ms
+                            rec['tflops'] = flops * (1 if mode == 'fwd' else 3.5) / (ms * 1e-3) / 1e12
+                            rec['peak_mib'] = peak_memory_mib(call, device)
+                        except Exception as error:  # OOM, unsupported config, compile failure
+                            rec['error'] = f'{type(error).__name__}: {str(error)[:300]}'
+                            if device.type == 'cuda':
+                                torch.cuda.empty_cache()
+                        records.append(rec)
+                        dump()
+                        status = (f"{rec['ms']:9.3f} ms {rec['tflops']:7.2f} TFLOP/s "
+                                  f"peak {rec['peak_mib'] or 0:9.1f} MiB"
+                                  if 'ms' in rec else rec['error'][:100])
+                        print(f'{task:12s} s{stage} {dname} {mode:8s} {method:19s} {status}',
+                              flush=True)
+                q = k = v = rpb = grad = None  # free the inputs before the next shape
+            if stopped:
+                break
+        if stopped:
+            break
+    if stopped:
+        print(f'benchmark_gpu: stopped early: {stopped}')
+
+    ratios = compute_ratios(records)
+    print('\nratios (nat_fused time / other time; < 1 means nat_fused is faster):')
+    for e in ratios:
+        cols = ' '.join(f"{k.split('/')[1]}={v:.2f}" for k, v in e.items() if '/' in k)
+        print(f"  {e['task']:12s} s{e['stage']} {e['dtype']} {e['mode']:8s} {cols}")
+    dump()
+    if args.json:
+        print(f'benchmark_gpu: wrote {args.json}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
