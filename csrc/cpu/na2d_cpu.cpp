@@ -66,6 +66,11 @@ struct Geometry {
   }
   int64_t window() const { return kh * kw; }
   int64_t bias_bins() const { return (2 * kh - 1) * (2 * kw - 1); }
+  // Rows per parallel chunk: small maps run on one thread rather than paying a fork/join
+  // per op (ATen's convention: about at::internal::GRAIN_SIZE multiply-adds per chunk).
+  int64_t row_grain() const {
+    return std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, W * window() * D));
+  }
 };
 
 void check_cpu_like(const at::Tensor& x, const char* name, const at::Tensor& ref,
@@ -313,7 +318,7 @@ void inverse_sum(const T* w, const T* a, const T* a_t, const Geometry& g, T* out
   const std::vector<int64_t> row_starts = window_starts(g.H, g.kh, g.dh);
   const std::vector<int64_t> col_starts = window_starts(g.W, g.kw, g.dw);
   const int64_t K2 = g.window(), half = g.kw / 2;
-  at::parallel_for(0, g.planes * g.H, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.planes * g.H, g.row_grain(), [&](int64_t begin, int64_t end) {
     InverseAxis rows(g.kh), cols(g.kw);
     const int64_t max_terms = 4 * K2;
     std::vector<T> weights(max_terms), block(g.D * L);
@@ -582,7 +587,7 @@ struct QueryRow {
 
 template <typename F>
 void for_each_query_row(const Geometry& g, F&& body) {
-  at::parallel_for(0, g.planes * g.H, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.planes * g.H, g.row_grain(), [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       QueryRow q{task / g.H, task % g.H, axis_window(task % g.H, g.H, g.kh, g.dh)};
       body(q);

@@ -130,6 +130,9 @@ def check_na2d(query, key, value, kernel_size, dilation, rpb, scale):
         raise ValueError(f'value must have the shape of query {list(query.shape)}, got '
                          f'{list(value.shape)}')
     if scale is None:
+        if query.shape[-1] == 0:
+            raise ValueError('query has head_dim 0, so the default scale head_dim ** -0.5 '
+                             'is undefined: pass scale explicitly')
         scale = query.shape[-1] ** -0.5
     elif not isinstance(scale, numbers.Real) or isinstance(scale, bool):
         raise TypeError(f'scale must be a float or None, got {type(scale).__name__}')
