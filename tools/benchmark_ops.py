@@ -179,6 +179,19 @@ def plot(path, repeat):
     fig.savefig(path, dpi=120)
 
 
+def gemm_ceiling_gflops(size=2048, repeat=5):
+    """fp32 matrix-multiply throughput of this machine at the current thread count."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    ms = statistics.median(_time_ms(lambda: a @ b) for _ in range(repeat))
+    return 2 * size ** 3 / ms / 1e6
+
+
+def _time_ms(fn):
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
 def machine():
     cpu = platform.processor() or platform.machine()
     try:
@@ -209,6 +222,8 @@ def main():
     info = machine()
     print(f"CPU: {info['cpu']} ({info['cores']} cores), torch {info['torch']}, "
           f"{info['threads']} threads, nat_mm backend {info['backend']}")
+    info['gemm_gflops'] = gemm_ceiling_gflops()
+    print(f"fp32 GEMM ceiling (2048^3 matmul): {info['gemm_gflops']:.0f} GFLOP/s")
     rows = benchmark(SHAPES, args.methods, args.repeat, not args.no_memory)
     print(markdown(rows, not args.no_memory))
     if args.json:

@@ -1,0 +1,20 @@
+# DiNAT-Tiny + Cascade Mask R-CNN + FPN, COCO 3x (36 epochs, multi-scale + crop), ImageNet-1k pretrained.
+# Published: box AP 52.2 / mask AP 45.1, 85M params, 737G FLOPs.
+_base_ = ['./_base_/cascade_mask_rcnn_nat_fpn.py', './_base_/coco_instance_ms_crop_3x.py']
+
+pretrained = 'https://shi-labs.com/projects/dinat/checkpoints/imagenet1k/dinat_tiny_in1k_224.pth'  # noqa: E501
+
+model = dict(
+    backbone=dict(
+        type='DiNAT',
+        arch='tiny',
+        kernel_size=7,
+        dilations=[
+            [1, 28, 1],
+            [1, 7, 1, 14],
+            [1, 3, 1, 5, 1, 7, 1, 3, 1, 5, 1, 7, 1, 3, 1, 5, 1, 7],
+            [1, 3, 1, 3, 1],
+        ],
+        drop_path_rate=0.3,
+        init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
+    neck=dict(in_channels=[64, 128, 256, 512]))

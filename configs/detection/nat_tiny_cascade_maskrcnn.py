@@ -1,0 +1,14 @@
+# NAT-Tiny + Cascade Mask R-CNN + FPN, COCO 3x (36 epochs, multi-scale + crop), ImageNet-1k pretrained.
+# Published: box AP 51.4 / mask AP 44.5, 85M params, 737G FLOPs.
+_base_ = ['./_base_/cascade_mask_rcnn_nat_fpn.py', './_base_/coco_instance_ms_crop_3x.py']
+
+pretrained = 'https://shi-labs.com/projects/nat/checkpoints/CLS/nat_tiny.pth'  # noqa: E501
+
+model = dict(
+    backbone=dict(
+        type='NAT',
+        arch='tiny',
+        kernel_size=7,
+        drop_path_rate=0.3,
+        init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
+    neck=dict(in_channels=[64, 128, 256, 512]))

@@ -1,0 +1,15 @@
+# NAT-Tiny + UperNet, ADE20K 512x512, 160k iterations, ImageNet-1k pretrained.
+# Published: mIoU 47.1 / 48.4 (single / multi-scale), 58M params, 934G FLOPs.
+_base_ = ['./_base_/upernet_nat.py', './_base_/ade20k_160k.py']
+
+pretrained = 'https://shi-labs.com/projects/nat/checkpoints/CLS/nat_tiny.pth'  # noqa: E501
+
+model = dict(
+    backbone=dict(
+        type='NAT',
+        arch='tiny',
+        kernel_size=7,
+        drop_path_rate=0.3,
+        init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
+    decode_head=dict(in_channels=[64, 128, 256, 512]),
+    auxiliary_head=dict(in_channels=256))

@@ -1,0 +1,155 @@
+#!/usr/bin/env python
+"""Evaluate a trained NAT / DiNAT detector (mmdet) or segmentor (mmseg).
+
+The task is taken from the config's ``default_scope``. Flags follow mmdet's and mmseg's
+tools/test.py; ``--out`` means: detection, a .pkl file of raw predictions; segmentation,
+a folder for the predicted label maps (PNG).
+
+    python tools/test.py configs/detection/nat_tiny_maskrcnn.py ckpt.pth
+    python tools/test.py CONFIG CKPT --show-dir vis --metrics-out metrics.json
+"""
+import argparse
+import json
+import os
+import os.path as osp
+
+import _common  # noqa: F401  (puts the repository on sys.path)
+from _common import (adapt_to_cpu, add_repo_to_pythonpath, config_scope,
+                     default_work_dir, register_scope)
+
+
+def parse_args(argv=None):
+    from mmengine.config import DictAction
+    parser = argparse.ArgumentParser(
+        description='Test (evaluate) a NAT/DiNAT detector (mmdet) or segmentor (mmseg).',
+        epilog='The task (mmdet or mmseg) is taken from the config\'s default_scope.')
+    parser.add_argument('config', help='test config file path')
+    parser.add_argument('checkpoint', help='checkpoint file')
+    parser.add_argument('--work-dir', help='the dir to save the evaluation logs '
+                        '(default: ./work_dirs/<config name>)')
+    parser.add_argument('--out', type=str,
+                        help='detection: dump predictions to this .pkl file; '
+                        'segmentation: write predicted label maps into this folder')
+    parser.add_argument('--show', action='store_true', help='show predictions in a window')
+    parser.add_argument('--show-dir', help='save images with predictions drawn into '
+                        'this folder (relative paths are inside the work dir\'s '
+                        'timestamped run folder)')
+    parser.add_argument('--wait-time', type=float, default=2,
+                        help='with --show: seconds each image is shown')
+    parser.add_argument('--metrics-out', type=str,
+                        help='also write the final metrics to this JSON file')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override config settings, key=value pairs')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
+                        default='none', help='job launcher')
+    parser.add_argument('--tta', action='store_true', help='test time augmentation')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0,
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if 'LOCAL_RANK' not in os.environ:
+        os.environ['LOCAL_RANK'] = str(args.local_rank)
+    return args
+
+
+def trigger_visualization_hook(cfg, args):
+    default_hooks = cfg.default_hooks
+    if 'visualization' not in default_hooks:
+        raise RuntimeError('--show / --show-dir need a visualization hook in '
+                           'default_hooks (DetVisualizationHook / SegVisualizationHook)')
+    hook = default_hooks['visualization']
+    hook['draw'] = True
+    hook['interval'] = 1
+    if args.show:
+        hook['show'] = True
+        hook['wait_time'] = args.wait_time
+    if args.show_dir:
+        if config_scope(cfg) == 'mmdet':
+            hook['test_out_dir'] = args.show_dir
+        else:
+            cfg.visualizer['save_dir'] = args.show_dir
+    return cfg
+
+
+def setup_tta(cfg, scope):
+    from copy import deepcopy
+
+    from mmengine.config import ConfigDict
+    if scope == 'mmdet':
+        if 'tta_model' not in cfg:
+            cfg.tta_model = dict(type='DetTTAModel', tta_cfg=dict(
+                nms=dict(type='nms', iou_threshold=0.5), max_per_img=100))
+        if 'tta_pipeline' not in cfg:
+            test_data_cfg = cfg.test_dataloader.dataset
+            while 'dataset' in test_data_cfg:
+                test_data_cfg = test_data_cfg['dataset']
+            cfg.tta_pipeline = deepcopy(test_data_cfg.pipeline)
+            cfg.tta_pipeline[-1] = dict(type='TestTimeAug', transforms=[
+                [dict(type='RandomFlip', prob=1.), dict(type='RandomFlip', prob=0.)],
+                [dict(type='PackDetInputs', meta_keys=(
+                    'img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor',
+                    'flip', 'flip_direction'))]])
+    cfg.model = ConfigDict(**cfg.tta_model, module=cfg.model)
+    cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
+
+
+def _to_json(value):
+    """Metric values are Python or numpy scalars (mmseg: numpy.float32)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    add_repo_to_pythonpath()
+    from mmengine.config import Config
+    from mmengine.registry import RUNNERS
+    from mmengine.runner import Runner
+
+    cfg = Config.fromfile(args.config)
+    cfg.launcher = args.launcher
+    if args.cfg_options is not None:
+        cfg.merge_from_dict(args.cfg_options)
+    scope = config_scope(cfg)
+    register_scope(scope)
+
+    if args.work_dir is not None:
+        cfg.work_dir = args.work_dir
+    elif cfg.get('work_dir', None) is None:
+        cfg.work_dir = default_work_dir(args.config)
+    cfg.load_from = args.checkpoint
+    # testing never needs pretrained backbone weights: they are overwritten anyway
+    if cfg.model.get('backbone', {}).get('init_cfg') is not None:
+        cfg.model.backbone.init_cfg = None
+
+    if args.show or args.show_dir:
+        cfg = trigger_visualization_hook(cfg, args)
+    if args.tta:
+        setup_tta(cfg, scope)
+    if args.out is not None and scope == 'mmseg':
+        cfg.test_evaluator['output_dir'] = args.out
+        cfg.test_evaluator['keep_results'] = True
+    adapt_to_cpu(cfg, args.launcher, logger_print=lambda *a: None)
+
+    if 'runner_type' not in cfg:
+        runner = Runner.from_cfg(cfg)
+    else:
+        runner = RUNNERS.build(cfg)
+
+    if args.out is not None and scope == 'mmdet':
+        if not args.out.endswith(('.pkl', '.pickle')):
+            raise ValueError('--out for detection must be a .pkl file')
+        from mmdet.evaluation import DumpDetResults
+        runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=args.out))
+
+    metrics = runner.test()
+    if args.metrics_out and runner.rank == 0:
+        os.makedirs(osp.dirname(osp.abspath(args.metrics_out)), exist_ok=True)
+        with open(args.metrics_out, 'w') as f:
+            json.dump({k: _to_json(v) for k, v in metrics.items()}, f, indent=2)
+    return metrics
+
+
+if __name__ == '__main__':
+    main()

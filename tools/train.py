@@ -1,0 +1,113 @@
+#!/usr/bin/env python
+"""Train a NAT / DiNAT detector (mmdet) or segmentor (mmseg) from a config.
+
+The task is taken from the config's ``default_scope`` ('mmdet' or 'mmseg'), so the same
+script trains configs/detection/* and configs/segmentation/*. Flags follow mmdet's and
+mmseg's tools/train.py.
+
+    python tools/train.py configs/detection/nat_tiny_maskrcnn.py
+    python tools/train.py configs/segmentation/nat_mini_upernet.py --work-dir work_dirs/x
+    bash tools/dist_train.sh configs/detection/nat_tiny_maskrcnn.py 8 --auto-scale-lr
+
+Without a GPU, AmpOptimWrapper (fp16) falls back to fp32 and distributed runs use gloo.
+"""
+import argparse
+import os
+import os.path as osp
+
+import _common  # noqa: F401  (puts the repository on sys.path)
+from _common import (adapt_to_cpu, add_repo_to_pythonpath, config_scope,
+                     default_work_dir, register_scope)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description='Train a NAT/DiNAT detector (mmdet) or segmentor (mmseg).',
+        epilog='The task (mmdet or mmseg) is taken from the config\'s default_scope.')
+    parser.add_argument('config', help='train config file path')
+    parser.add_argument('--work-dir', help='the dir to save logs and checkpoints '
+                        '(default: ./work_dirs/<config name>)')
+    parser.add_argument('--amp', action='store_true', default=False,
+                        help='enable automatic mixed precision training (needs a GPU)')
+    parser.add_argument('--auto-scale-lr', action='store_true',
+                        help='detection: scale the lr linearly from the config\'s '
+                        'auto_scale_lr.base_batch_size to the actual total batch')
+    parser.add_argument('--resume', nargs='?', type=str, const='auto',
+                        help='resume from the given checkpoint; without a path, from '
+                        'the latest checkpoint in the work dir')
+    parser.add_argument('--cfg-options', nargs='+', action=_common_dict_action(),
+                        help='override config settings, key=value pairs, e.g. '
+                        'train_cfg.max_epochs=12 train_dataloader.batch_size=4 '
+                        'model.backbone.init_cfg=None')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
+                        default='none', help='job launcher')
+    # torch.distributed.launch passes --local-rank (torchrun sets LOCAL_RANK instead)
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0,
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if 'LOCAL_RANK' not in os.environ:
+        os.environ['LOCAL_RANK'] = str(args.local_rank)
+    return args
+
+
+def _common_dict_action():
+    from mmengine.config import DictAction
+    return DictAction
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    add_repo_to_pythonpath()
+    from mmengine.config import Config
+    from mmengine.registry import RUNNERS
+    from mmengine.runner import Runner
+
+    cfg = Config.fromfile(args.config)
+    cfg.launcher = args.launcher
+    if args.cfg_options is not None:
+        cfg.merge_from_dict(args.cfg_options)
+    scope = config_scope(cfg)
+    register_scope(scope)
+
+    # work_dir: CLI > config > ./work_dirs/<config name>
+    if args.work_dir is not None:
+        cfg.work_dir = args.work_dir
+    elif cfg.get('work_dir', None) is None:
+        cfg.work_dir = default_work_dir(args.config)
+
+    if args.amp:
+        optim_wrapper = cfg.optim_wrapper.type
+        if optim_wrapper == 'AmpOptimWrapper':
+            print('AMP training is already enabled in the config.')
+        else:
+            assert optim_wrapper == 'OptimWrapper', (
+                f'--amp is only supported with OptimWrapper, got {optim_wrapper}')
+            cfg.optim_wrapper.type = 'AmpOptimWrapper'
+            cfg.optim_wrapper.loss_scale = 'dynamic'
+
+    if args.auto_scale_lr:
+        auto_scale_lr = cfg.get('auto_scale_lr', None)
+        if not auto_scale_lr or 'base_batch_size' not in auto_scale_lr:
+            raise RuntimeError('--auto-scale-lr needs auto_scale_lr = dict(enable=..., '
+                               'base_batch_size=...) in the config')
+        cfg.auto_scale_lr.enable = True
+
+    adapt_to_cpu(cfg, args.launcher)
+
+    # resume: an explicit checkpoint > the latest one in work_dir
+    if args.resume == 'auto':
+        cfg.resume = True
+        cfg.load_from = None
+    elif args.resume is not None:
+        cfg.resume = True
+        cfg.load_from = args.resume
+
+    if 'runner_type' not in cfg:
+        runner = Runner.from_cfg(cfg)
+    else:
+        runner = RUNNERS.build(cfg)
+    runner.train()
+
+
+if __name__ == '__main__':
+    main()
