@@ -58,14 +58,14 @@ val_dataloader = dict(
 test_dataloader = val_dataloader
 del _dataset
 
-max_iters = 600
+max_iters = 1600
 train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters, val_interval=max_iters)
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=50),
     dict(type='PolyLR', eta_min=0.0, power=1.0, begin=50, end=max_iters, by_epoch=False)
 ]
 # fp32 (the recipe's fp16 AmpOptimWrapper needs a GPU); higher lr for a from-scratch run
-optim_wrapper = dict(type='OptimWrapper', optimizer=dict(lr=4e-4))
+optim_wrapper = dict(type='OptimWrapper', optimizer=dict(lr=6e-4))
 
 default_hooks = dict(
     logger=dict(type='LoggerHook', interval=20, log_metric_by_epoch=False),
