@@ -45,6 +45,24 @@ def default_work_dir(config_path: str) -> str:
     return osp.join('./work_dirs', osp.splitext(osp.basename(config_path))[0])
 
 
+def load_config(args):
+    """The config of a train/test run with the command line applied: launcher,
+    --cfg-options, the task scope's registries, and work_dir (CLI > config >
+    ./work_dirs/<config name>). Returns (cfg, scope)."""
+    from mmengine.config import Config
+    cfg = Config.fromfile(args.config)
+    cfg.launcher = args.launcher
+    if args.cfg_options is not None:
+        cfg.merge_from_dict(args.cfg_options)
+    scope = config_scope(cfg)
+    register_scope(scope)
+    if args.work_dir is not None:
+        cfg.work_dir = args.work_dir
+    elif cfg.get('work_dir', None) is None:
+        cfg.work_dir = default_work_dir(args.config)
+    return cfg, scope
+
+
 def accelerator_available() -> bool:
     from mmengine.device import (is_cuda_available, is_mlu_available, is_musa_available,
                                  is_npu_available)

@@ -14,8 +14,7 @@ import os
 import os.path as osp
 
 import _common  # noqa: F401  (puts the repository on sys.path)
-from _common import (adapt_to_cpu, add_repo_to_pythonpath, config_scope,
-                     default_work_dir, register_scope)
+from _common import adapt_to_cpu, add_repo_to_pythonpath, config_scope, load_config
 
 
 def parse_args(argv=None):
@@ -103,21 +102,10 @@ def _to_json(value):
 def main(argv=None):
     args = parse_args(argv)
     add_repo_to_pythonpath()
-    from mmengine.config import Config
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
 
-    cfg = Config.fromfile(args.config)
-    cfg.launcher = args.launcher
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
-    scope = config_scope(cfg)
-    register_scope(scope)
-
-    if args.work_dir is not None:
-        cfg.work_dir = args.work_dir
-    elif cfg.get('work_dir', None) is None:
-        cfg.work_dir = default_work_dir(args.config)
+    cfg, scope = load_config(args)
     cfg.load_from = args.checkpoint
     # testing never needs pretrained backbone weights: they are overwritten anyway
     if cfg.model.get('backbone', {}).get('init_cfg') is not None:

@@ -13,11 +13,9 @@ Without a GPU, AmpOptimWrapper (fp16) falls back to fp32 and distributed runs us
 """
 import argparse
 import os
-import os.path as osp
 
 import _common  # noqa: F401  (puts the repository on sys.path)
-from _common import (adapt_to_cpu, add_repo_to_pythonpath, config_scope,
-                     default_work_dir, register_scope)
+from _common import adapt_to_cpu, add_repo_to_pythonpath, load_config
 
 
 def parse_args(argv=None):
@@ -58,22 +56,10 @@ def _common_dict_action():
 def main(argv=None):
     args = parse_args(argv)
     add_repo_to_pythonpath()
-    from mmengine.config import Config
     from mmengine.registry import RUNNERS
     from mmengine.runner import Runner
 
-    cfg = Config.fromfile(args.config)
-    cfg.launcher = args.launcher
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
-    scope = config_scope(cfg)
-    register_scope(scope)
-
-    # work_dir: CLI > config > ./work_dirs/<config name>
-    if args.work_dir is not None:
-        cfg.work_dir = args.work_dir
-    elif cfg.get('work_dir', None) is None:
-        cfg.work_dir = default_work_dir(args.config)
+    cfg, scope = load_config(args)
 
     if args.amp:
         optim_wrapper = cfg.optim_wrapper.type
