@@ -25,6 +25,7 @@ def _cuda_wanted(torch_cuda_available: bool) -> bool:
 
 def extensions():
     import torch
+    from torch.torch_version import TorchVersion
     from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
 
     here = os.path.dirname(os.path.abspath(__file__))
@@ -32,7 +33,9 @@ def extensions():
     sources = [os.path.join('csrc', 'register.cpp')]
     sources += sorted(os.path.relpath(p, here) for p in glob.glob(os.path.join(csrc, 'cpu', '*.cpp')))
     arch = os.environ.get('NAT_MM_CPU_ARCH', 'native')
-    cxx = ['-O3', '-std=c++17' if torch.__version__ < '2.10' else '-std=c++20',
+    # torch >= 2.10 headers need C++20 (compare versions, not strings: '2.9' > '2.10').
+    std = '-std=c++20' if TorchVersion(torch.__version__) >= '2.10' else '-std=c++17'
+    cxx = ['-O3', std,
            f'-march={arch}', '-fno-math-errno', '-fopenmp']  # at::parallel_for is OpenMP
     include_dirs = [csrc]
     with_cuda = _cuda_wanted(torch.version.cuda is not None and CUDA_HOME is not None)
@@ -42,7 +45,7 @@ def extensions():
     os.environ.setdefault('TORCH_CUDA_ARCH_LIST', '8.0;9.0')
     sources += sorted(os.path.relpath(p, here) for p in glob.glob(os.path.join(csrc, 'cuda', '*.cu')))
     nvcc = ['-O3', '--use_fast_math', '--expt-relaxed-constexpr', '-lineinfo',
-            '-std=c++20' if torch.__version__ >= '2.10' else '-std=c++17']
+            std]
     return [CUDAExtension('nat_mm._C', sources, include_dirs=include_dirs,
                           define_macros=[('NAT_MM_WITH_CUDA', None)],
                           extra_compile_args={'cxx': cxx, 'nvcc': nvcc},

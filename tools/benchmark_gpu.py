@@ -198,6 +198,42 @@ def compute_ratios(records):
     return ratios
 
 
+def profile_kernels(device, dtype=torch.bfloat16):
+    """Per-kernel device time of one fwd+bwd of nat_fused and sdpa_window (torch.profiler),
+    so that a kernel's share of the total is known without a profiler session on the GPU."""
+    from torch.profiler import ProfilerActivity, profile
+    batch, maps = SHAPES['det800x1344']
+    shape = (batch, HEADS[0], *maps[0], HEAD_DIM)
+    leaves = [torch.randn(shape, device=device, dtype=dtype).requires_grad_() for _ in range(3)]
+    rpb = (0.02 * torch.randn(HEADS[0], 2 * KERNEL - 1, 2 * KERNEL - 1, device=device)
+           ).to(dtype).requires_grad_()
+    grad = torch.randn(shape, device=device, dtype=dtype)
+    for name, fn in (('nat_fused', nat_fused), ('sdpa_window', sdpa_window)):
+        def step():
+            out = fn(*leaves, rpb, HEAD_DIM ** -0.5)
+            torch.autograd.grad(out, (*leaves, rpb), grad)
+        for _ in range(3):
+            step()
+        _sync(device)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                step()
+            _sync(device)
+        events = prof.key_averages()
+        key = next((k for k in ('self_device_time_total', 'self_cuda_time_total')
+                    if hasattr(events[0], k)), None) if len(events) else None
+        print(f'profile {name} fwd+bwd x5, det stage 1 {shape} {dtype}:')
+        if key is None:
+            print('  (no device events)')
+            continue
+        rows = sorted(events, key=lambda e: -getattr(e, key))
+        total = sum(getattr(e, key) for e in rows) or 1.0
+        for e in rows[:12]:
+            t = getattr(e, key)
+            print(f'  {t / 5e3:8.3f} ms/iter {100 * t / total:5.1f}%  x{e.count // 5:<3d} '
+                  f'{e.key[:90]}')
+
+
 # ---------------------------------------------------------------- main
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
@@ -212,6 +248,9 @@ def main(argv=None):
     parser.add_argument('--quick', action='store_true', help='fewer timing iterations')
     parser.add_argument('--tiny', action='store_true', help='tiny shapes (harness smoke test)')
     parser.add_argument('--device', default='cuda')
+    parser.add_argument('--profile', action='store_true',
+                        help='first print the per-kernel device time of nat_fused and '
+                             'sdpa_window fwd+bwd at the detection stage-1 shape (bf16)')
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
@@ -233,6 +272,11 @@ def main(argv=None):
            'backend': {k: v for k, v in backend_info().items() if k != 'extension_error'},
            'kernel': KERNEL, 'head_dim': HEAD_DIM}
     print(f"benchmark_gpu: {env['device']}, torch {env['torch']}, backend {env['backend']}")
+    if args.profile and device.type == 'cuda':
+        try:
+            profile_kernels(device)
+        except Exception as error:  # the profile is a diagnostic: never lose the benchmark
+            print(f'profile failed: {type(error).__name__}: {error}')
     records = []
     fns = {'nat_fused': nat_fused, 'nat_unfused': nat_unfused, 'sdpa_window': sdpa_window,
            'sdpa_window_nobias': sdpa_window_nobias, 'reference': reference}

@@ -81,7 +81,7 @@ fi
 
 # ---------------------------------------------------------------- 2. tests
 XDIST=()
-if "$PY" -c 'import xdist' >/dev/null 2>&1; then XDIST=(-n 6); fi
+if "$PY" -c 'import xdist' >/dev/null 2>&1; then XDIST=(-n 8); fi
 if [ "${STATUS[build]}" = passed ]; then
   NAT_MM_RUN_SLOW=1 step tests 210 130 "$PY" -m pytest tests/test_cuda_ops.py -q -rfEs \
     "${XDIST[@]}" -p no:cacheprovider --junitxml="$REPORT_DIR/cuda_tests.xml"
@@ -132,7 +132,7 @@ rm -f "$SAN_SCRIPT"
 # ---------------------------------------------------------------- 4. benchmark
 if [ "${STATUS[build]}" = passed ]; then
   BENCH_BUDGET=$(( $(left) - 40 ))
-  step benchmark 400 10 "$PY" tools/benchmark_gpu.py --budget-s "$BENCH_BUDGET" --quick \
+  step benchmark 400 10 "$PY" tools/benchmark_gpu.py --budget-s "$BENCH_BUDGET" --quick --profile \
     --json "$REPORT_DIR/benchmark.json"
   grep -A200 -E "^benchmark_gpu: " "$LOG" | grep -vE "^\[gpu_check" >"$REPORT_DIR/benchmark.txt" || true
 else

@@ -228,6 +228,32 @@ __device__ __forceinline__ double neg_inf<double>() {
   return -__longlong_as_double(0x7ff0000000000000LL);
 }
 
+// One (query, neighbor) pair of a flat index over [B*heads*H*W, kh*kw]: the query, its
+// neighbor (m, n), the neighbor's key and its rpb entry.
+struct QueryNeighbor {
+  int64_t query;  // flat query index
+  int64_t key;    // flat key index
+  int64_t bias;   // index into rpb [heads, 2kh-1, 2kw-1]
+};
+
+__device__ __forceinline__ QueryNeighbor query_neighbor(int64_t idx, const Geometry& g) {
+  QueryNeighbor r;
+  r.query = div_fast(idx, g.window);
+  const int64_t nb = idx - r.query * g.window;
+  const int64_t m = div_fast(nb, g.kw);
+  const int64_t n = nb - m * g.kw;
+  const int64_t row = div_fast(r.query, g.width);
+  const int64_t j = r.query - row * g.width;
+  const int64_t bh = div_fast(row, g.height);
+  const int64_t i = row - bh * g.height;
+  const AxisWindow wr = axis_window(i, g.height, g.kh, g.dh);
+  const AxisWindow wc = axis_window(j, g.width, g.kw, g.dw);
+  r.key = (bh * g.height + wr.key(m)) * g.width + wc.key(n);
+  const int64_t h = bh - div_fast(bh, g.heads) * g.heads;
+  r.bias = (h * g.bias_h + wr.bias(m, g.kh)) * g.bias_w + wc.bias(n, g.kw);
+  return r;
+}
+
 // ------------------------------------------------------------------ cross-TU entry points
 // Defined in na2d_cuda_ops.cu, used by the fused backward (na2d_cuda_fused_bwd.cu).
 // All tensors contiguous and on the current device; `weights` is float32/float64 or the

@@ -25,18 +25,9 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
        idx += step) {
-    const int64_t q_index = div_fast(idx, g.window);
-    const int64_t nb = idx - q_index * g.window;
-    const int64_t m = div_fast(nb, g.kw);
-    const int64_t n = nb - m * g.kw;
-    const int64_t row = div_fast(q_index, g.width);
-    const int64_t j = q_index - row * g.width;
-    const int64_t bh = div_fast(row, g.height);
-    const int64_t i = row - bh * g.height;
-    const AxisWindow wr = axis_window(i, g.height, g.kh, g.dh);
-    const AxisWindow wc = axis_window(j, g.width, g.kw, g.dw);
-    const T* qp = query + q_index * g.dim;
-    const T* kp = key + ((bh * g.height + wr.key(m)) * g.width + wc.key(n)) * g.dim;
+    const QueryNeighbor qn = query_neighbor(idx, g);
+    const T* qp = query + qn.query * g.dim;
+    const T* kp = key + qn.key * g.dim;
     AccT acc0 = 0, acc1 = 0;
     int64_t d = 0;
     for (; d + 1 < g.dim; d += 2) {
@@ -45,11 +36,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     if (d < g.dim) acc0 += static_cast<AccT>(qp[d]) * static_cast<AccT>(kp[d]);
     AccT acc = (acc0 + acc1) * scale;
-    if (rpb != nullptr) {
-      const int64_t h = bh - div_fast(bh, g.heads) * g.heads;
-      acc += static_cast<AccT>(
-          rpb[(h * g.bias_h + wr.bias(m, g.kh)) * g.bias_w + wc.bias(n, g.kw)]);
-    }
+    if (rpb != nullptr) acc += static_cast<AccT>(rpb[qn.bias]);
     out[idx] = static_cast<OutT>(acc);
   }
 }
@@ -354,19 +341,29 @@ at::Tensor na2d_qk_cuda(const at::Tensor& query, const at::Tensor& key,
   return out;
 }
 
+namespace {
+// The checks shared by av and inverse: a [B, heads, H, W, kh*kw] weight map over a
+// [B, heads, H, W, C] tensor of the same device and dtype.
+void check_weights_over(const at::Tensor& weights, const char* wname, const at::Tensor& source,
+                        const char* sname, at::IntArrayRef kernel_size,
+                        at::IntArrayRef dilation) {
+  check_window_args(kernel_size, dilation);
+  check_cuda_5d(weights, wname);
+  check_cuda_5d(source, sname);
+  check_same_device_dtype(source, sname, weights, wname);
+  TORCH_CHECK(weights.size(4) == kernel_size[0] * kernel_size[1], "nat_mm: ", wname,
+              " last dim must be kernel_h*kernel_w = ", kernel_size[0] * kernel_size[1],
+              ", got ", weights.size(4));
+  TORCH_CHECK(weights.sizes().slice(0, 4) == source.sizes().slice(0, 4), "nat_mm: ", wname,
+              " and ", sname, " must agree in [batch, heads, height, width]: ", weights.sizes(),
+              " vs ", source.sizes());
+  check_map_size(source, kernel_size, dilation);
+}
+}  // namespace
+
 at::Tensor na2d_av_cuda(const at::Tensor& attn, const at::Tensor& value,
                         at::IntArrayRef kernel_size, at::IntArrayRef dilation) {
-  check_window_args(kernel_size, dilation);
-  check_cuda_5d(attn, "attn");
-  check_cuda_5d(value, "value");
-  check_same_device_dtype(value, "value", attn, "attn");
-  TORCH_CHECK(attn.size(4) == kernel_size[0] * kernel_size[1],
-              "nat_mm: attn last dim must be kernel_h*kernel_w = ",
-              kernel_size[0] * kernel_size[1], ", got ", attn.size(4));
-  TORCH_CHECK(attn.sizes().slice(0, 4) == value.sizes().slice(0, 4),
-              "nat_mm: attn and value must agree in [batch, heads, height, width]: ",
-              attn.sizes(), " vs ", value.sizes());
-  check_map_size(value, kernel_size, dilation);
+  check_weights_over(attn, "attn", value, "value", kernel_size, dilation);
   c10::cuda::CUDAGuard guard(value.device());
   const at::Tensor a = attn.contiguous(), v = value.contiguous();
   const Geometry g = make_geometry(v, v.size(4), kernel_size, dilation);
@@ -377,17 +374,7 @@ at::Tensor na2d_av_cuda(const at::Tensor& attn, const at::Tensor& value,
 
 at::Tensor na2d_inverse_cuda(const at::Tensor& weights, const at::Tensor& source,
                              at::IntArrayRef kernel_size, at::IntArrayRef dilation) {
-  check_window_args(kernel_size, dilation);
-  check_cuda_5d(weights, "weights");
-  check_cuda_5d(source, "source");
-  check_same_device_dtype(source, "source", weights, "weights");
-  TORCH_CHECK(weights.size(4) == kernel_size[0] * kernel_size[1],
-              "nat_mm: weights last dim must be kernel_h*kernel_w = ",
-              kernel_size[0] * kernel_size[1], ", got ", weights.size(4));
-  TORCH_CHECK(weights.sizes().slice(0, 4) == source.sizes().slice(0, 4),
-              "nat_mm: weights and source must agree in [batch, heads, height, width]: ",
-              weights.sizes(), " vs ", source.sizes());
-  check_map_size(source, kernel_size, dilation);
+  check_weights_over(weights, "weights", source, "source", kernel_size, dilation);
   c10::cuda::CUDAGuard guard(source.device());
   const at::Tensor w = weights.contiguous(), s = source.contiguous();
   const Geometry g = make_geometry(s, s.size(4), kernel_size, dilation);
