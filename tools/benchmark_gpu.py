@@ -115,8 +115,18 @@ def make_flex(height, width, device):
 
     key = (height, width, str(device))
     if key not in _flex_cache:
-        block_mask = create_block_mask(mask_mod, None, None, height * width, height * width,
-                                       device=device)
+        # one compile per (shape, grad mode): lift dynamo's limit of 8, past which it would
+        # silently run flex unfused (dense scores: out of memory at the detection shapes)
+        import torch._dynamo
+        for name in ('recompile_limit', 'cache_size_limit'):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, 64)
+        try:  # compiled mask construction: never materializes the dense [HW, HW] mask
+            block_mask = create_block_mask(mask_mod, None, None, height * width,
+                                           height * width, device=device, _compile=True)
+        except TypeError:
+            block_mask = create_block_mask(mask_mod, None, None, height * width,
+                                           height * width, device=device)
         _flex_cache[key] = (block_mask, torch.compile(flex_attention, dynamic=False))
     block_mask, compiled = _flex_cache[key]
 

@@ -14,6 +14,11 @@
 //    and grad_q in one pass;
 //  * simple: a warp-per-query delta kernel, a thread-per-(query, neighbor) kernel for p and
 //    ds, then grad_q through the av kernel.
+// The key-side pass (grad_k, grad_v) likewise:
+//  * tiled: a tile of keys with the halo of queries that see them (their q and grad_out in
+//    shared memory), G threads per key; the window arithmetic runs once per (key, query)
+//    pair on the sub-grid (no division), the p/ds entries come from the maps;
+//  * simple: the inverse kernel, one thread per (key, channel).
 #include "na2d_cuda_common.cuh"
 #include "na2d_cuda_tile.cuh"
 #include "na2d_kernels.h"
@@ -111,7 +116,7 @@ __global__ void __launch_bounds__(kThreads)
   const int lane = threadIdx.x - group * G;
   const int64_t D = g.dim;
 
-  for_each_tile(key, value, rpb, sm, g, tc, group, [&](const TileQuery& tq) {
+  for_each_tile(key, value, rpb, sm, g, tc, group, [&](const TileQuery& tq, const Tile&) {
     const int64_t row = tq.index * D;
     float qreg[DPT], greg[DPT], dq[DPT];
     float delta = 0.f;
@@ -171,6 +176,79 @@ __global__ void __launch_bounds__(kThreads)
   });
 }
 
+// Key side: grad_k = scale * sum ds * q and grad_v = sum p * grad_out over the queries
+// that see each key; the tile's query halo (q, grad_out) sits in shared memory.
+template <typename T, int G, int DPT>
+__global__ void __launch_bounds__(kThreads)
+    fused_bwd_keys_tiled_kernel(const T* __restrict__ query, const T* __restrict__ grad_out,
+                                const float* __restrict__ p_map,
+                                const float* __restrict__ ds_map, T* __restrict__ grad_k,
+                                T* __restrict__ grad_v, const Geometry g, const float scale,
+                                const TileConfig tc) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const TileSmem<T> sm = tile_smem<T>(smem_raw, tc);  // keys <- q, values <- grad_out
+  const int group = threadIdx.x / G;
+  const int lane = threadIdx.x - group * G;
+  const int64_t D = g.dim;
+
+  for_each_tile(query, grad_out, static_cast<const T*>(nullptr), sm, g, tc, group,
+                [&](const TileQuery& tk, const Tile& t) {
+    // Queries (sub-grid rows/columns) that see this key; clamped windows, so the ranges
+    // come from axis_inverse, and neighbor index = key - window start of the query.
+    const InverseRange ir = axis_inverse(tk.sub_h * g.dh + t.ri, g.height, g.kh, g.dh);
+    const InverseRange ic = axis_inverse(tk.sub_w * g.dw + t.rj, g.width, g.kw, g.dw);
+    float gk[DPT], gv[DPT];
+#pragma unroll
+    for (int u = 0; u < DPT; ++u) gk[u] = gv[u] = 0.f;
+    for (int64_t sr = ir.first; sr <= ir.last; ++sr) {
+      const int64_t m = tk.sub_h - sub_window_start(sr, t.len_h, g.kh);
+      if (m < 0 || m >= g.kh) continue;  // cannot happen (axis_inverse), kept as a guard
+      const int64_t map_row = (t.plane + (sr * g.dh + t.ri) * g.width) * g.window + m * g.kw;
+      const int64_t halo_row = (sr - t.k0h) * tc.halo_w - t.k0w;
+      for (int64_t sc = ic.first; sc <= ic.last; ++sc) {
+        const int64_t n = tk.sub_w - sub_window_start(sc, t.len_w, g.kw);
+        if (n < 0 || n >= g.kw) continue;
+        const int64_t w_off = map_row + (sc * g.dw + t.rj) * g.window + n;
+        const float pv = p_map[w_off], dsv = ds_map[w_off];
+        const T* qs = sm.keys + (halo_row + sc) * tc.stride;
+        const T* gs = sm.values + (halo_row + sc) * tc.stride;
+#pragma unroll
+        for (int u = 0; u < DPT; ++u) {
+          const int64_t d = lane + u * G;
+          if (d < D) {
+            gk[u] += dsv * static_cast<float>(qs[d]);
+            gv[u] += pv * static_cast<float>(gs[d]);
+          }
+        }
+      }
+    }
+    if (tk.active) {
+#pragma unroll
+      for (int u = 0; u < DPT; ++u) {
+        const int64_t d = lane + u * G;
+        if (d < D) {
+          grad_k[tk.index * D + d] = static_cast<T>(gk[u] * scale);
+          grad_v[tk.index * D + d] = static_cast<T>(gv[u]);
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+bool key_side_tiled(const at::Tensor& q, const at::Tensor& go, const at::Tensor& p,
+                    const at::Tensor& ds, const at::Tensor& grad_k, const at::Tensor& grad_v,
+                    const Geometry& g, double scale, cudaStream_t stream) {
+  return with_group_shape(g.dim, [&](auto group, auto per_thread) {
+    constexpr int G = decltype(group)::value, DPT = decltype(per_thread)::value;
+    return launch_tiled<T, G>(fused_bwd_keys_tiled_kernel<T, G, DPT>, true, g,
+                              static_cast<float>(scale), q.device().index(), stream,
+                              q.const_data_ptr<T>(), go.const_data_ptr<T>(),
+                              p.const_data_ptr<float>(), ds.const_data_ptr<float>(),
+                              grad_k.mutable_data_ptr<T>(), grad_v.mutable_data_ptr<T>());
+  });
+}
+
 template <typename T>
 bool query_side_tiled(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                       const at::Tensor& go, const at::Tensor& o, const at::Tensor& rpb,
@@ -180,7 +258,7 @@ bool query_side_tiled(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   return with_group_shape(g.dim, [&](auto group, auto per_thread) {
     constexpr int G = decltype(group)::value, DPT = decltype(per_thread)::value;
     return launch_tiled<T, G>(
-        fused_bwd_tiled_kernel<T, G, DPT>, g, static_cast<float>(scale), q.device().index(),
+        fused_bwd_tiled_kernel<T, G, DPT>, false, g, static_cast<float>(scale), q.device().index(),
         stream, q.const_data_ptr<T>(), k.const_data_ptr<T>(), v.const_data_ptr<T>(),
         go.const_data_ptr<T>(), o.const_data_ptr<T>(),
         rpb.defined() ? rpb.const_data_ptr<T>() : nullptr, lse.const_data_ptr<float>(),
@@ -258,7 +336,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_fused_backward_c
     }
   }
   if (!done) query_side_simple(q, k, v, go, o, bias, ls, p, ds, grad_q, g, scale, stream);
-  launch_inverse(ds, q, grad_k, scale, p, go, grad_v, 1.0, g, stream);
+  bool keys_done = false;
+  if (done) {  // the tiled query side ran: same dtype and head-dim conditions
+    switch (dtype) {
+      case at::kHalf:
+        keys_done = key_side_tiled<c10::Half>(q, go, p, ds, grad_k, grad_v, g, scale, stream);
+        break;
+      case at::kBFloat16:
+        keys_done =
+            key_side_tiled<c10::BFloat16>(q, go, p, ds, grad_k, grad_v, g, scale, stream);
+        break;
+      case at::kFloat:
+        keys_done = key_side_tiled<float>(q, go, p, ds, grad_k, grad_v, g, scale, stream);
+        break;
+      default:
+        break;
+    }
+  }
+  if (!keys_done) launch_inverse(ds, q, grad_k, scale, p, go, grad_v, 1.0, g, stream);
   launch_rpb_grad(ds, grad_rpb, g, stream);
   return {grad_q, grad_k, grad_v, grad_rpb};
 }

@@ -74,7 +74,7 @@ __global__ void __launch_bounds__(kThreads)
   const int lane = threadIdx.x - group * G;
   const int64_t D = g.dim;
 
-  for_each_tile(key, value, rpb, sm, g, tc, group, [&](const TileQuery& tq) {
+  for_each_tile(key, value, rpb, sm, g, tc, group, [&](const TileQuery& tq, const Tile&) {
     const T* qp = query + tq.index * D;
     float qreg[DPT], acc[DPT];
 #pragma unroll
@@ -134,7 +134,7 @@ bool fused_forward_tiled(const at::Tensor& q, const at::Tensor& k, const at::Ten
                          const Geometry& g, double scale, cudaStream_t stream) {
   return with_group_shape(g.dim, [&](auto group, auto per_thread) {
     constexpr int G = decltype(group)::value, DPT = decltype(per_thread)::value;
-    return launch_tiled<T, G>(fused_fwd_tiled_kernel<T, G, DPT>, g, static_cast<float>(scale),
+    return launch_tiled<T, G>(fused_fwd_tiled_kernel<T, G, DPT>, false, g, static_cast<float>(scale),
                               q.device().index(), stream, q.const_data_ptr<T>(),
                               k.const_data_ptr<T>(), v.const_data_ptr<T>(),
                               rpb.defined() ? rpb.const_data_ptr<T>() : nullptr,

@@ -1,10 +1,14 @@
-// Query tiles of the fused CUDA kernels (forward and backward share all of this).
+// Tiles of the fused CUDA kernels (forward and backward share all of this).
 //
-// A tile is th x tw queries of one (batch, head) and one dilation residue class: with
-// dilation d, queries (s*d + r) only see keys of residue r, so on the sub-grid of one
+// A query tile is th x tw queries of one (batch, head) and one dilation residue class:
+// with dilation d, queries (s*d + r) only see keys of residue r, so on the sub-grid of one
 // residue class a tile's keys form a contiguous halo of at most
 // (th + kh - 1) x (tw + kw - 1) keys (window starts are monotone in the query).
-// The block stages that halo's keys and values, and the head's rpb table, in shared memory.
+// A key tile (the backward's key side) is the mirror image: th x tw keys and the halo of
+// queries that see them, at most (th + 2(kh - 1)) x (tw + 2(kw - 1)) (border queries share
+// a clamped window, so border keys are seen by up to k + k/2 queries per axis).
+// The block stages two [halo, head_dim] tensors (keys and values, or queries and output
+// gradients) and the head's rpb table in shared memory.
 #pragma once
 
 #include <type_traits>
@@ -19,6 +23,7 @@ struct TileConfig {
   int halo_h, halo_w;        // largest halo (key rows, columns) a tile can need
   int stride;                // elements between two keys in shared memory (>= dim)
   int group;                 // G: threads per query
+  int key_tile;              // 1: tiles of keys with a halo of queries
   int64_t tiles_h, tiles_w;  // tiles per residue class along each axis
   int64_t total_tiles;
   int64_t bias_offset;  // byte offset of the float32 rpb copy in shared memory
@@ -53,14 +58,15 @@ inline int choose_stride(int64_t dim, int elem_bytes, int G) {
 // Tile shape for G threads per query and 256 threads: 8 columns (a warp spans 32/G
 // adjacent queries of a row) and 256/(8G) rows; rows halved while shared memory is short.
 inline bool plan_tiles(const Geometry& g, int G, int elem_bytes, int64_t smem_limit,
-                       TileConfig& tc) {
+                       bool key_tile, TileConfig& tc) {
+  const int64_t reach = key_tile ? 2 : 1;  // halo = tile + reach * (k - 1)
   const int tw = 8;
   const int64_t sub_h = (g.height + g.dh - 1) / g.dh;  // longest sub-grid (residue 0)
   const int64_t sub_w = (g.width + g.dw - 1) / g.dw;
   for (int th = kThreads / (tw * G); th >= 1; th /= 2) {
     if ((th * tw * G) % 32 != 0) break;
-    const int64_t halo_h = std::min<int64_t>(th + g.kh - 1, sub_h);
-    const int64_t halo_w = std::min<int64_t>(tw + g.kw - 1, sub_w);
+    const int64_t halo_h = std::min<int64_t>(th + reach * (g.kh - 1), sub_h);
+    const int64_t halo_w = std::min<int64_t>(tw + reach * (g.kw - 1), sub_w);
     const int stride = choose_stride(g.dim, elem_bytes, G);
     const int64_t kv_bytes = 2 * halo_h * halo_w * stride * elem_bytes;
     const int64_t bias_offset = (kv_bytes + 15) / 16 * 16;
@@ -72,6 +78,7 @@ inline bool plan_tiles(const Geometry& g, int G, int elem_bytes, int64_t smem_li
       tc.halo_w = static_cast<int>(halo_w);
       tc.stride = stride;
       tc.group = G;
+      tc.key_tile = key_tile ? 1 : 0;
       tc.tiles_h = (sub_h + th - 1) / th;
       tc.tiles_w = (sub_w + tw - 1) / tw;
       tc.total_tiles = g.bh * g.dh * g.dw * tc.tiles_h * tc.tiles_w;
@@ -87,11 +94,11 @@ inline bool plan_tiles(const Geometry& g, int G, int elem_bytes, int64_t smem_li
 // one block per tile (grid-stride over tiles past 2^20); false when the halo does not fit
 // shared memory (the caller then takes the simple kernels).
 template <typename T, int G, typename Kernel, typename... Args>
-bool launch_tiled(Kernel kernel, const Geometry& g, float scale, int device, cudaStream_t stream,
-                  Args... args) {
+bool launch_tiled(Kernel kernel, bool key_tile, const Geometry& g, float scale, int device,
+                  cudaStream_t stream, Args... args) {
   const DeviceLimits lim = device_limits(device);
   TileConfig tc;
-  if (!plan_tiles(g, G, sizeof(T), lim.smem_optin, tc)) return false;
+  if (!plan_tiles(g, G, sizeof(T), lim.smem_optin, key_tile, tc)) return false;
   if (tc.smem_bytes > lim.smem_default) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(tc.smem_bytes)));
@@ -105,14 +112,35 @@ bool launch_tiled(Kernel kernel, const Geometry& g, float scale, int device, cud
   return true;
 }
 
-// Where one tile lies: its residue class, its queries [s0, s1] and key halo [k0, k0 + n)
-// on the sub-grid, per axis.
+// Where one tile lies: its residue class, its positions [s0, s1] and its halo
+// [k0, k0 + n) on the sub-grid (of length len), per axis.
 struct Tile {
   int64_t bh, ri, rj;
+  int64_t len_h, len_w;
   int64_t s0h, s0w, s1h, s1w;
   int64_t k0h, k0w, nh, nw;
   int64_t plane;  // offset of the (batch, head) map, in queries
 };
+
+// Halo [first, first + count) of sub-grid positions [s0, s1] of one axis: the keys that
+// they see (query tile) or the queries that see them (key tile).
+__device__ __forceinline__ void halo_span(int64_t s0, int64_t s1, int64_t residue,
+                                          int64_t length, int64_t kernel, int64_t dilation,
+                                          bool key_tile, int64_t& first, int64_t& count) {
+  if (key_tile) {
+    first = axis_inverse(s0 * dilation + residue, length, kernel, dilation).first;
+    count = axis_inverse(s1 * dilation + residue, length, kernel, dilation).last + 1 - first;
+  } else {
+    first = axis_window(s0 * dilation + residue, length, kernel, dilation).start;
+    count = axis_window(s1 * dilation + residue, length, kernel, dilation).start + kernel - first;
+  }
+}
+
+// Window start on a sub-grid of length len (no division: the sub-grid index is known).
+__device__ __forceinline__ int64_t sub_window_start(int64_t sub, int64_t len, int64_t kernel) {
+  const int64_t s = sub - kernel / 2;
+  return s < 0 ? 0 : (s > len - kernel ? len - kernel : s);
+}
 
 // False when the tile lies past its residue class's sub-grid (uniform over the block).
 __device__ __forceinline__ bool locate_tile(int64_t tile, const Geometry& g,
@@ -125,23 +153,21 @@ __device__ __forceinline__ bool locate_tile(int64_t tile, const Geometry& g,
   tile /= g.dw;
   t.ri = tile % g.dh;
   t.bh = tile / g.dh;
-  const int64_t len_h = subgrid_length(g.height, g.dh, t.ri);
-  const int64_t len_w = subgrid_length(g.width, g.dw, t.rj);
+  t.len_h = subgrid_length(g.height, g.dh, t.ri);
+  t.len_w = subgrid_length(g.width, g.dw, t.rj);
   t.s0h = trow * tc.th;
   t.s0w = tcol * tc.tw;
-  if (t.s0h >= len_h || t.s0w >= len_w) return false;
-  t.s1h = (t.s0h + tc.th < len_h ? t.s0h + tc.th : len_h) - 1;
-  t.s1w = (t.s0w + tc.tw < len_w ? t.s0w + tc.tw : len_w) - 1;
-  t.k0h = axis_window(t.s0h * g.dh + t.ri, g.height, g.kh, g.dh).start;
-  t.nh = axis_window(t.s1h * g.dh + t.ri, g.height, g.kh, g.dh).start + g.kh - t.k0h;
-  t.k0w = axis_window(t.s0w * g.dw + t.rj, g.width, g.kw, g.dw).start;
-  t.nw = axis_window(t.s1w * g.dw + t.rj, g.width, g.kw, g.dw).start + g.kw - t.k0w;
+  if (t.s0h >= t.len_h || t.s0w >= t.len_w) return false;
+  t.s1h = (t.s0h + tc.th < t.len_h ? t.s0h + tc.th : t.len_h) - 1;
+  t.s1w = (t.s0w + tc.tw < t.len_w ? t.s0w + tc.tw : t.len_w) - 1;
+  halo_span(t.s0h, t.s1h, t.ri, g.height, g.kh, g.dh, tc.key_tile, t.k0h, t.nh);
+  halo_span(t.s0w, t.s1w, t.rj, g.width, g.kw, g.dw, tc.key_tile, t.k0w, t.nw);
   t.plane = t.bh * g.height * g.width;
   return true;
 }
 
-// Shared memory layout: keys [halo_h][halo_w][stride], values likewise (input dtype),
-// then the head's rpb table in float32 at bias_offset.
+// Shared memory layout: keys [halo_h][halo_w][stride], values likewise (input dtype; for
+// key tiles: queries and output gradients), then the head's rpb table in float32.
 template <typename T>
 struct TileSmem {
   T* keys;
@@ -187,11 +213,13 @@ __device__ __forceinline__ void load_tile(const T* __restrict__ key, const T* __
   }
 }
 
-// This thread's query in the tile. Threads past the tile's edge take a clamped duplicate
-// (active = false) so that every lane joins the warp shuffles; they write nothing.
+// This thread's query (key, in a key tile) in the tile. Threads past the tile's edge take a
+// clamped duplicate (active = false) so that every lane joins the warp shuffles; they
+// write nothing.
 struct TileQuery {
   bool active;
   int64_t index;     // flat query index (into [B*heads*H*W])
+  int64_t sub_h, sub_w;  // its sub-grid position
   int64_t key_row0;  // halo offset (row * halo_w + col) of neighbor (0, 0)
   int64_t bias0;     // rpb offset (row * bias_w + col) of neighbor (0, 0)
 };
@@ -208,13 +236,15 @@ __device__ __forceinline__ TileQuery tile_query(int group, const Geometry& g,
   const AxisWindow wr = axis_window(qi, g.height, g.kh, g.dh);
   const AxisWindow wc = axis_window(qj, g.width, g.kw, g.dw);
   q.index = t.plane + qi * g.width + qj;
+  q.sub_h = sh;
+  q.sub_w = sw;
   q.key_row0 = (wr.start - t.k0h) * tc.halo_w + (wc.start - t.k0w);
   q.bias0 = wr.bias(0, g.kh) * g.bias_w + wc.bias(0, g.kw);
   return q;
 }
 
 // The block walks its tiles (grid-stride): stage each tile's halo in shared memory, then
-// call body(query) for this thread's query of the tile.
+// call body(position, tile) for this thread's query (or key) of the tile.
 template <typename T, typename Body>
 __device__ __forceinline__ void for_each_tile(const T* __restrict__ key,
                                               const T* __restrict__ value,
@@ -227,7 +257,7 @@ __device__ __forceinline__ void for_each_tile(const T* __restrict__ key,
     __syncthreads();  // the previous tile's readers are done with shared memory
     load_tile(key, value, rpb, sm, g, tc, t);
     __syncthreads();
-    body(tile_query(group, g, tc, t));
+    body(tile_query(group, g, tc, t), t);
   }
 }
 
