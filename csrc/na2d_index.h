@@ -38,18 +38,21 @@ struct AxisWindow {
   }
 };
 
+// Window start of sub-grid position `sub` on a sub-grid of length sub_len: centered, then
+// clamped so that the window stays inside.
+NAT_HOST_DEVICE int64_t sub_window_start(int64_t sub, int64_t sub_len, int64_t kernel) {
+  const int64_t start = sub - kernel / 2;
+  const int64_t last_start = sub_len - kernel;
+  return start < 0 ? 0 : (start > last_start ? last_start : start);
+}
+
 NAT_HOST_DEVICE AxisWindow axis_window(int64_t index, int64_t length, int64_t kernel,
                                        int64_t dilation) {
   AxisWindow w;
   w.residue = index % dilation;
   w.sub = index / dilation;
   w.dilation = dilation;
-  const int64_t sub_len = subgrid_length(length, dilation, w.residue);
-  int64_t start = w.sub - kernel / 2;
-  const int64_t last_start = sub_len - kernel;
-  start = start < 0 ? 0 : start;
-  start = start > last_start ? last_start : start;
-  w.start = start;
+  w.start = sub_window_start(w.sub, subgrid_length(length, dilation, w.residue), kernel);
   return w;
 }
 

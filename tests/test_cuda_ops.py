@@ -401,7 +401,9 @@ def test_int64_indexing_large_tensors():
     ones = torch.ones(180_000, 1, 16, 16, 49, device='cuda')
     rpb_grad = op('na2d_rpb_grad')(ones, [7, 7], [1, 1]).double()
     expected = op('na2d_rpb_grad')(ones[:1], [7, 7], [1, 1]).double() * ones.shape[0]
-    torch.testing.assert_close(rpb_grad, expected, rtol=1e-5, atol=0)
+    # float32 partial sums of up to 4.6e7 over 1024 chunks: each add rounds by <= 2 (ulp/2),
+    # so the sum may be off by ~5e-5 relative (measured on an H200: 1.5e-5)
+    torch.testing.assert_close(rpb_grad, expected, rtol=1e-4, atol=0)
     del ones, q
     # fused: q numel = 66 * 1 * 1024 * 1024 * 32 > 2**31
     q = torch.randn(66, 1, 1024, 1024, 32, device='cuda', dtype=torch.bfloat16)

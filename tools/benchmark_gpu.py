@@ -133,10 +133,14 @@ def make_flex(height, width, device):
     def run(q, k, v, rpb, scale):
         b, h, hh, ww, d = q.shape
 
+        # torch 2.11's compiled flex cannot take a gradient through a captured tensor
+        # ("all unwrapped values must be FakeTensor"): its fwd+bwd runs without grad_rpb
+        table = rpb.detach()
+
         def score_mod(score, bb, hd, q_idx, kv_idx):
             di = torch.clamp(kv_idx // width - q_idx // width + KERNEL - 1, 0, 2 * KERNEL - 2)
             dj = torch.clamp(kv_idx % width - q_idx % width + KERNEL - 1, 0, 2 * KERNEL - 2)
-            return score + rpb[hd, di, dj]
+            return score + table[hd, di, dj]
 
         flat = lambda t: t.reshape(b, h, hh * ww, d)
         out = compiled(flat(q), flat(k), flat(v), score_mod=score_mod, block_mask=block_mask,
@@ -244,6 +248,46 @@ def profile_kernels(device, dtype=torch.bfloat16):
                   f'{e.key[:90]}')
 
 
+def markdown_report(summary):
+    """Tables (one per dtype) of a benchmark JSON: time, ratio to SDPA window attention,
+    TFLOP/s and peak memory of nat_fused, per shape and mode."""
+    recs = {(r['task'], r['stage'], r['dtype'], r['mode'], r['method']): r
+            for r in summary['records']}
+    env = summary['env']
+    lines = [f"{env['device']}, torch {env['torch']} (CUDA {env['cuda']}), kernel "
+             f"{env['kernel']}, head_dim {env['head_dim']}, with rpb; ratio = nat_fused time / "
+             f"other time (< 1: nat_fused faster); peak = memory above the inputs.", '']
+    for dname in DTYPES:
+        rows = sorted({k[:2] for k in recs if k[2] == dname})
+        if not rows:
+            continue
+        lines += [f'**{dname}**', '',
+                  '| shape | mode | nat_fused ms | TFLOP/s | sdpa_window ms | ratio | '
+                  'ratio vs sdpa no bias | ratio vs flex | ratio vs unfused | '
+                  'peak MiB nat / sdpa |',
+                  '|---|---|---|---|---|---|---|---|---|---|']
+        for task, stage in rows:
+            for mode in ('fwd', 'fwd+bwd'):
+                get = lambda m: recs.get((task, stage, dname, mode, m), {})
+                nat = get('nat_fused')
+                if 'ms' not in nat:
+                    continue
+
+                def ratio(m):
+                    other = get(m)
+                    return f"{nat['ms'] / other['ms']:.2f}" if 'ms' in other else '-'
+                sd = get('sdpa_window')
+                shape = 'x'.join(str(x) for x in nat['shape'])
+                lines.append(
+                    f"| {task} s{stage} [{shape}] | {mode} | {nat['ms']:.3f} | "
+                    f"{nat['tflops']:.2f} | {sd.get('ms', float('nan')):.3f} | "
+                    f"{ratio('sdpa_window')} | {ratio('sdpa_window_nobias')} | {ratio('flex')} | "
+                    f"{ratio('nat_unfused')} | {nat.get('peak_mib') or 0:.0f} / "
+                    f"{sd.get('peak_mib') or 0:.0f} |")
+        lines.append('')
+    return '\n'.join(lines)
+
+
 # ---------------------------------------------------------------- main
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
@@ -258,11 +302,17 @@ def main(argv=None):
     parser.add_argument('--quick', action='store_true', help='fewer timing iterations')
     parser.add_argument('--tiny', action='store_true', help='tiny shapes (harness smoke test)')
     parser.add_argument('--device', default='cuda')
+    parser.add_argument('--report', metavar='JSON',
+                        help='print markdown tables of an earlier run\'s JSON and exit')
     parser.add_argument('--profile', action='store_true',
                         help='first print the per-kernel device time of nat_fused and '
                              'sdpa_window fwd+bwd at the detection stage-1 shape (bf16)')
     args = parser.parse_args(argv)
 
+    if args.report:
+        with open(args.report) as f:
+            print(markdown_report(json.load(f)))
+        return 0
     device = torch.device(args.device)
     if device.type == 'cuda' and not torch.cuda.is_available():
         print('benchmark_gpu: no CUDA device', file=sys.stderr)

@@ -130,19 +130,12 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Pass 1: block (head, chunk) computes, for every bias bin, the sum over its chunk of
-// (batch, row) pairs, in a fixed order. The column table (bias index of neighbor 0 of each
-// column) sits in shared memory when it fits.
+// (batch, row) pairs, in a fixed order. Columns are walked per dilation residue class on
+// its sub-grid, so a column's window start needs no division and no table.
 template <typename WT, typename AccT>
 __global__ void rpb_partial_kernel(const WT* __restrict__ grad_attn, AccT* __restrict__ partial,
                                    const Geometry g, const int64_t rows_per_chunk,
-                                   const int64_t chunks, const bool use_table) {
-  extern __shared__ int col_bias0[];
-  if (use_table) {
-    for (int64_t j = threadIdx.x; j < g.width; j += blockDim.x) {
-      col_bias0[j] = static_cast<int>(axis_window(j, g.width, g.kw, g.dw).bias(0, g.kw));
-    }
-  }
-  __syncthreads();
+                                   const int64_t chunks) {
   const int64_t bins = g.bias_h * g.bias_w;
   const int64_t rows = g.batch * g.height;
   for (int64_t blk = blockIdx.x; blk < g.heads * chunks; blk += gridDim.x) {
@@ -161,11 +154,13 @@ __global__ void rpb_partial_kernel(const WT* __restrict__ grad_attn, AccT* __res
         if (m < 0 || m >= g.kh) continue;
         const WT* base =
             grad_attn + ((b * g.heads + h) * g.height + i) * g.width * g.window + m * g.kw;
-        for (int64_t j = 0; j < g.width; ++j) {
-          const int64_t c0 =
-              use_table ? col_bias0[j] : axis_window(j, g.width, g.kw, g.dw).bias(0, g.kw);
-          const int64_t n = bj - c0;
-          if (n >= 0 && n < g.kw) acc += static_cast<AccT>(base[j * g.window + n]);
+        for (int64_t rj = 0; rj < g.dw; ++rj) {
+          const int64_t len = subgrid_length(g.width, g.dw, rj);
+          for (int64_t s = 0; s < len; ++s) {
+            // neighbor whose bias column is bj: bias(n) = start + n - s + kw - 1
+            const int64_t n = bj - (sub_window_start(s, len, g.kw) - s + g.kw - 1);
+            if (n >= 0 && n < g.kw) acc += static_cast<AccT>(base[(s * g.dw + rj) * g.window + n]);
+          }
         }
       }
       partial[(h * chunks + chunk) * bins + bin] = acc;
@@ -285,8 +280,6 @@ void launch_rpb_grad(const at::Tensor& grad_attn, const at::Tensor& out, const G
   if (rows > 0) chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;
   const auto acc_type = grad_attn.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor partial = at::empty({g.heads * chunks * bins}, grad_attn.options().dtype(acc_type));
-  const int64_t table_bytes = g.width * static_cast<int64_t>(sizeof(int));
-  const bool use_table = table_bytes <= 32 * 1024;
   const int threads = bins >= kThreads ? kThreads : static_cast<int>((bins + 31) / 32 * 32);
   const int64_t grid64 = g.heads * chunks;
   const unsigned int grid = static_cast<unsigned int>(grid64 < (1 << 20) ? grid64 : (1 << 20));
@@ -294,9 +287,9 @@ void launch_rpb_grad(const at::Tensor& grad_attn, const at::Tensor& out, const G
     using AccT = acc_t<scalar_t>;
     auto run = [&](auto w_tag) {
       using WT = decltype(w_tag);
-      rpb_partial_kernel<WT, AccT><<<grid, threads, use_table ? table_bytes : 0, stream>>>(
+      rpb_partial_kernel<WT, AccT><<<grid, threads, 0, stream>>>(
           grad_attn.const_data_ptr<WT>(), partial.mutable_data_ptr<AccT>(), g, rows_per_chunk,
-          chunks, use_table);
+          chunks);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (rows > 0) {

@@ -136,11 +136,6 @@ __device__ __forceinline__ void halo_span(int64_t s0, int64_t s1, int64_t residu
   }
 }
 
-// Window start on a sub-grid of length len (no division: the sub-grid index is known).
-__device__ __forceinline__ int64_t sub_window_start(int64_t sub, int64_t len, int64_t kernel) {
-  const int64_t s = sub - kernel / 2;
-  return s < 0 ? 0 : (s > len - kernel ? len - kernel : s);
-}
 
 // False when the tile lies past its residue class's sub-grid (uniform over the block).
 __device__ __forceinline__ bool locate_tile(int64_t tile, const Geometry& g,
