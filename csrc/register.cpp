@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "cpu/scratch_pool.h"
 #include "na2d_kernels.h"
 
 #define NAT_MM_REGISTER_KERNELS(m, device)                          \
@@ -33,5 +34,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
 #endif
     info["cpu_vector_isa"] = nat_mm::cpu_capability();
     return info;
+  });
+  module.def("release_cpu_scratch", &nat_mm::release_scratch,
+             "Free the CPU kernels' cached scratch blocks; returns the bytes freed.");
+  module.def("cpu_scratch_stats", []() {
+    const nat_mm::ScratchStats s = nat_mm::scratch_stats();
+    pybind11::dict d;
+    d["cached_bytes"] = s.cached_bytes;
+    d["in_use_bytes"] = s.in_use_bytes;
+    return d;
   });
 }

@@ -29,6 +29,7 @@
 
 #include "na2d_index.h"
 #include "na2d_kernels.h"
+#include "scratch_pool.h"
 
 namespace nat_mm {
 
@@ -98,8 +99,11 @@ at::ScalarType compute_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// x itself when it already is contiguous in the compute type, else a scratch copy.
 at::Tensor as_compute(const at::Tensor& x) {
-  return x.to(compute_type(x)).contiguous();
+  const at::ScalarType type = compute_type(x);
+  if (x.scalar_type() == type && x.is_contiguous()) return x;
+  return scratch_empty(x.sizes(), x.options().dtype(type)).copy_(x);
 }
 
 // Window start (sub-grid units) of every index of one axis.
@@ -135,7 +139,7 @@ template <typename T>
 at::Tensor channels_by_column(const at::Tensor& x, const Geometry& g, const ColumnOrder& order) {
   constexpr int64_t L = Vec<T>::size();
   const int64_t rows = g.planes * g.H, size = rows * g.D * g.W;
-  at::Tensor out = at::empty({size + L}, x.options());
+  at::Tensor out = scratch_empty({size + L}, x.options());
   out.narrow(0, size, L).zero_();
   at::Tensor source = x.view({rows, g.W, g.D});
   if (order.dilation > 1) {
@@ -381,7 +385,8 @@ void inverse_sum(const T* w, const T* a, const T* a_t, const Geometry& g, T* out
 
 // [plane][row][col][n] -> [plane][row][n][col], the layout inverse_sum reads.
 at::Tensor neighbor_major(const at::Tensor& w, const Geometry& g) {
-  return w.view({g.planes * g.H, g.W, g.window()}).transpose(1, 2).contiguous();
+  return scratch_empty({g.planes * g.H, g.window(), g.W}, w.options())
+      .copy_(w.view({g.planes * g.H, g.W, g.window()}).transpose(1, 2));
 }
 
 // ------------------------------------------------------------------ rpb gradient
@@ -648,7 +653,7 @@ at::Tensor na2d_qk_cpu(const at::Tensor& query, const at::Tensor& key,
   check_rpb(rpb, query, g);
   const at::Tensor q = as_compute(query), k = as_compute(key);
   const at::Tensor bias = rpb.has_value() ? as_compute(*rpb) : at::Tensor();
-  at::Tensor attn = at::empty(attn_sizes(g), q.options());
+  at::Tensor attn = scratch_empty(attn_sizes(g), q.options());
   const ColumnOrder order(g.W, g.dw);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "nat_mm_na2d_qk_cpu", [&] {
     using T = scalar_t;
@@ -686,7 +691,7 @@ at::Tensor na2d_av_cpu(const at::Tensor& attn, const at::Tensor& value,
   check_cpu_like(value, "value", value, value.sizes());
   check_cpu_like(attn, "attn", value, attn_sizes(g));
   const at::Tensor a = as_compute(attn), v = as_compute(value);
-  at::Tensor out = at::empty(v.sizes(), v.options());
+  at::Tensor out = scratch_empty(v.sizes(), v.options());
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "nat_mm_na2d_av_cpu", [&] {
     using T = scalar_t;
     const T *ap = a.data_ptr<T>(), *vp = v.data_ptr<T>();
@@ -712,7 +717,7 @@ at::Tensor na2d_inverse_cpu(const at::Tensor& weights, const at::Tensor& source,
   check_cpu_like(source, "source", source, source.sizes());
   check_cpu_like(weights, "weights", source, attn_sizes(g));
   const at::Tensor w = neighbor_major(as_compute(weights), g), a = as_compute(source);
-  at::Tensor out = at::empty(a.sizes(), a.options());
+  at::Tensor out = scratch_empty(a.sizes(), a.options());
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "nat_mm_na2d_inverse_cpu", [&] {
     using T = scalar_t;
     const at::Tensor a_t = channels_by_column<T>(a, g, ColumnOrder(g.W, 1));
@@ -759,8 +764,8 @@ std::tuple<at::Tensor, at::Tensor> na2d_fused_cpu(const at::Tensor& query,
   check_rpb(rpb, query, g);
   const at::Tensor q = as_compute(query), k = as_compute(key), v = as_compute(value);
   const at::Tensor bias = rpb.has_value() ? as_compute(*rpb) : at::Tensor();
-  at::Tensor out = at::empty(q.sizes(), q.options());
-  at::Tensor lse = at::empty({g.batch, g.heads, g.H, g.W}, q.options());
+  at::Tensor out = scratch_empty(q.sizes(), q.options());
+  at::Tensor lse = scratch_empty({g.batch, g.heads, g.H, g.W}, q.options());
   const ColumnOrder order(g.W, g.dw);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "nat_mm_na2d_fused_cpu", [&] {
     using T = scalar_t;
@@ -820,9 +825,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_fused_backward_c
   const at::Tensor l = lse.to(q.scalar_type()).contiguous();
   const at::Tensor bias = rpb.has_value() ? as_compute(*rpb) : at::Tensor();
   // Probabilities and logit gradients of every query (neighbor-major), for the key side.
-  at::Tensor probs = at::empty({g.planes * g.H, g.window(), g.W}, q.options());
-  at::Tensor grad_logits = at::empty({g.planes * g.H, g.window(), g.W}, q.options());
-  at::Tensor grad_q = at::empty(q.sizes(), q.options());
+  at::Tensor probs = scratch_empty({g.planes * g.H, g.window(), g.W}, q.options());
+  at::Tensor grad_logits = scratch_empty({g.planes * g.H, g.window(), g.W}, q.options());
+  at::Tensor grad_q = scratch_empty(q.sizes(), q.options());
   at::Tensor partial = at::zeros({g.planes * g.H, g.bias_bins()}, q.options());
   const ColumnOrder order(g.W, g.dw);
   at::Tensor qt_natural, got_natural;  // reused by the key-side pass
@@ -841,6 +846,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_fused_backward_c
     for_each_query_row(g, [&](const QueryRow& qr) {
       std::vector<T> p(K2 + L), dp(K2 + L), run_p(K2 * L), run_dp(K2 * L), run_bias_row(K2);
       std::vector<T> delta(L);
+      // rpb gradient of the row's runs: every run of a row puts neighbor n in the same bias
+      // bin, so ds is summed lane-wise over the runs and reduced across lanes once per row.
+      std::vector<T> run_bins(K2 * L, T(0));
+      bool any_run = false;
       std::vector<const T*> neighbors(K2);
       const T* rpb_head = bp ? bp + (qr.plane % g.heads) * g.bias_bins() : nullptr;
       if (rpb_head) run_bias(rpb_head, qr.rw, g, run_bias_row.data());
@@ -867,17 +876,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_fused_backward_c
           delta[t] = dot(gop + q_index * g.D, outp + q_index * g.D, g.D);
         }
         const V vdelta = V::loadu(delta.data());
-        for (int64_t n = 0; n < K2; ++n) {  // ds = p * (dp - delta), into run_dp
+        any_run = true;
+        for (int64_t n = 0; n < K2; ++n) {  // ds = p * (dp - delta), into run_dp and the maps
           const V pn = V::loadu(run_p.data() + n * L);
           const V ds = pn * (V::loadu(run_dp.data() + n * L) - vdelta);
           ds.store(run_dp.data() + n * L);
-          const int64_t m = n / g.kw, c = n % g.kw;
-          row_bins[qr.rw.bias(m, g.kh) * bias_width + c + half] +=
-              at::vec::vec_reduce_all<T>([](V& a, V& b) { return a + b; }, ds);
-        }
-        for (int64_t n = 0; n < K2; ++n) {
-          V::loadu(run_p.data() + n * L).store(pp + (row_task * K2 + n) * g.W + j0);
-          V::loadu(run_dp.data() + n * L).store(gsp + (row_task * K2 + n) * g.W + j0);
+          pn.store(pp + (row_task * K2 + n) * g.W + j0);
+          ds.store(gsp + (row_task * K2 + n) * g.W + j0);
+          (V::loadu(run_bins.data() + n * L) + ds).store(run_bins.data() + n * L);
         }
         for (int64_t t = 0; t < L; ++t) grad_query(j0 + t, run_dp.data() + t, L);
       }, [&](int64_t j) {
@@ -902,10 +908,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_fused_backward_c
         accumulate_bias_grad(ds, qr.rw, cw, g, row_bins);
         grad_query(j, ds, 1);
       });
+      if (any_run) {
+        using V = Vec<T>;
+        for (int64_t n = 0; n < K2; ++n) {
+          const int64_t m = n / g.kw, c = n % g.kw;
+          row_bins[qr.rw.bias(m, g.kh) * bias_width + c + half] += at::vec::vec_reduce_all<T>(
+              [](V& a, V& b) { return a + b; }, V::loadu(run_bins.data() + n * L));
+        }
+      }
     });
   });
-  at::Tensor grad_k = at::empty(q.sizes(), q.options());
-  at::Tensor grad_v = at::empty(q.sizes(), q.options());
+  at::Tensor grad_k = scratch_empty(q.sizes(), q.options());
+  at::Tensor grad_v = scratch_empty(q.sizes(), q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "nat_mm_na2d_fused_backward_cpu_keys", [&] {
     using T = scalar_t;
     inverse_sum(grad_logits.data_ptr<T>(), q.data_ptr<T>(), qt_natural.data_ptr<T>(), g,

@@ -9,6 +9,8 @@ from .reference import na2d_av_reference, na2d_qk_reference, na2d_reference
 
 extension.load()
 backend_info = extension.backend_info
+cpu_scratch_stats = extension.cpu_scratch_stats
+release_cpu_scratch = extension.release_cpu_scratch
 
-__all__ = ['na2d', 'na2d_qk', 'na2d_av', 'backend_info', 'na2d_reference',
-           'na2d_qk_reference', 'na2d_av_reference']
+__all__ = ['na2d', 'na2d_qk', 'na2d_av', 'backend_info', 'cpu_scratch_stats',
+           'release_cpu_scratch', 'na2d_reference', 'na2d_qk_reference', 'na2d_av_reference']

@@ -37,4 +37,19 @@ def backend_info() -> Dict[str, object]:
     return info
 
 
+def cpu_scratch_stats() -> Dict[str, int]:
+    """Bytes of CPU scratch memory the compiled kernels cache (free blocks kept for reuse)
+    and hand out now. The CPU kernels take their temporaries and outputs from this pool so
+    that repeated calls skip the page faults of fresh allocations; NAT_MM_CPU_SCRATCH_MB
+    caps the cache (default 1024; 0 turns the pool off)."""
+    if _extension is None:
+        return {'cached_bytes': 0, 'in_use_bytes': 0}
+    return dict(_extension.cpu_scratch_stats())
+
+
+def release_cpu_scratch() -> int:
+    """Free the cached CPU scratch blocks (like torch.cuda.empty_cache); returns bytes."""
+    return int(_extension.release_cpu_scratch()) if _extension is not None else 0
+
+
 _reference_served: Dict[str, set] = {}

@@ -1,0 +1,78 @@
+"""The CPU kernels' scratch pool: reused memory must never alias a live tensor, pool
+tensors behave like ordinary ones, the cache can be released and switched off."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nat_mm.ops import (backend_info, cpu_scratch_stats, na2d, na2d_qk, na2d_reference,
+                        release_cpu_scratch)
+
+pytestmark = pytest.mark.skipif(backend_info()['cpu'] != 'compiled',
+                                reason='needs the compiled CPU kernels')
+
+
+def _inputs(seed, shape=(1, 2, 20, 24, 16)):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=gen) for _ in range(3)]
+
+
+def test_live_outputs_are_never_reused():
+    """Outputs of earlier calls stay intact while later calls take blocks from the pool."""
+    first = [na2d(*_inputs(s), 7, 1) for s in range(4)]
+    copies = [t.clone() for t in first]
+    del first[1]  # return one block to the pool mid-way
+    copies.pop(1)
+    later = [na2d(*_inputs(10 + s), 7, 1) for s in range(4)]
+    for kept, copy in zip(first, copies):
+        assert torch.equal(kept, copy)
+    for s, out in enumerate(later):
+        q, k, v = _inputs(10 + s)
+        torch.testing.assert_close(out, na2d_reference(q, k, v, (7, 7), (1, 1)))
+
+
+def test_gradients_from_the_pool_accumulate_correctly():
+    q, k, v = (t.requires_grad_() for t in _inputs(0))
+    for step in range(3):
+        na2d(q, k, v, 5, 2).square().sum().backward()
+    qr, kr, vr = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    na2d_reference(qr, kr, vr, (5, 5), (2, 2)).square().sum().backward()
+    for a, b in zip((q, k, v), (qr, kr, vr)):
+        torch.testing.assert_close(a.grad, 3 * b.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_pool_tensors_are_ordinary_tensors():
+    q, k, _ = _inputs(1)
+    attn = na2d_qk(q, k, 5)
+    attn.resize_(2, *attn.shape)  # grows through the pool's allocator
+    attn.fill_(1.0)
+    assert attn.sum().item() == attn.numel()
+    assert torch.load(_roundtrip(attn), weights_only=True).equal(attn)
+
+
+def _roundtrip(t):
+    import io
+    buf = io.BytesIO()
+    torch.save(t, buf)
+    buf.seek(0)
+    return buf
+
+
+def test_release_empties_the_cache():
+    out = na2d(*_inputs(2, (1, 2, 64, 64, 32)), 7, 1)
+    del out
+    assert cpu_scratch_stats()['cached_bytes'] > 0
+    freed = release_cpu_scratch()
+    assert freed > 0
+    assert cpu_scratch_stats()['cached_bytes'] == 0
+
+
+def test_pool_can_be_switched_off():
+    code = ('import torch, nat_mm.ops as o; q = torch.randn(1, 2, 32, 32, 16); '
+            'out = o.na2d(q, q, q, 7); del out; print(o.cpu_scratch_stats()["cached_bytes"])')
+    env = dict(os.environ, NAT_MM_CPU_SCRATCH_MB='0')
+    result = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True,
+                            text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == '0'
