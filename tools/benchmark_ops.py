@@ -1,6 +1,7 @@
 """Neighborhood attention vs Swin-style window attention (SDPA) on CPU, side by side.
 
-Times (median of --repeat runs after a warm-up) of forward and forward+backward for:
+Times (median of --repeat runs after a warm-up, the methods interleaved run by run) of
+forward and forward+backward for:
   nat_mm     fused na2d (the op the model uses), C++ kernel, with rpb
   unfused    na2d_qk + softmax + na2d_av, C++ kernels, with rpb
   reference  the pure-PyTorch gather reference (nat_mm.ops.reference)
@@ -107,11 +108,31 @@ def peak_memory_mb(method, shape, backward):
     return float(result.stdout.strip().splitlines()[-1])
 
 
+def _rss_mb():
+    with open('/proc/self/statm') as f:
+        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2 ** 20
+
+
 def _memory_child(method, batch, heads, height, width, backward):
+    """Peak RSS above the RSS before the call, sampled every 0.5 ms by a thread (ru_maxrss
+    cannot be reset, and the imports' transient peak would hide the op's)."""
+    import threading
     inputs = make_inputs(method, batch, heads, height, width)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = _rss_mb()
+    peak = [before]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_mb())
+            time.sleep(0.0005)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
     run_once(method, inputs, backward)
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+    done.set()
+    sampler.join()
+    print(max(peak[0], _rss_mb()) - before)
 
 
 def gflops(batch, heads, height, width, ms):
@@ -119,13 +140,31 @@ def gflops(batch, heads, height, width, ms):
     return 4 * batch * heads * height * width * KERNEL * KERNEL * HEAD_DIM / ms / 1e6
 
 
+def interleaved_ms(methods, inputs, backward, repeat):
+    """Median ms per method, the methods timed in turn within each repetition (A, B, A, B,
+    ...) so that load changes on a shared machine hit all of them alike; the reference
+    (seconds per call) runs once."""
+    times = {m: [] for m in methods}
+    for m in methods:
+        run_once(m, inputs[m], backward)  # warm-up
+    for r in range(repeat):
+        for m in methods:
+            if m == 'reference' and r > 0:
+                continue
+            start = time.perf_counter()
+            run_once(m, inputs[m], backward)
+            times[m].append((time.perf_counter() - start) * 1e3)
+    return {m: statistics.median(t) for m, t in times.items()}
+
+
 def benchmark(shapes, methods, repeat, memory):
     rows = []
     for name, *shape in shapes:
         for backward in (False, True):
+            inputs = {m: make_inputs(m, *shape) for m in methods}
+            times = interleaved_ms(methods, inputs, backward, repeat)
             for method in methods:
-                reps = 1 if method == 'reference' else repeat
-                ms = median_ms(method, make_inputs(method, *shape), backward, reps)
+                ms = times[method]
                 row = dict(shape=name, size='x'.join(map(str, shape)), method=method,
                            pass_='fwd+bwd' if backward else 'fwd', ms=ms,
                            gflops=gflops(*shape, ms) * (3 if backward else 1))  # bwd: 4 matmuls
