@@ -147,7 +147,17 @@ at::Tensor channels_by_column(const at::Tensor& x, const Geometry& g, const Colu
     for (int64_t c = 0; c < g.W; ++c) column_at[order.position(c)] = c;
     source = source.index_select(1, at::tensor(column_at, x.options().dtype(at::kLong)));
   }
-  out.narrow(0, 0, size).view({rows, g.D, g.W}).copy_(source.transpose(1, 2));  // ATen's blocked transpose
+  const T* src = source.contiguous().data_ptr<T>();
+  T* dst = out.data_ptr<T>();
+  // at::vec's transpose: 16x16 register blocks for float (ATen's strided copy_ of the
+  // transposed view took ~12% of the fused backward).
+  at::parallel_for(0, rows, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, g.W * g.D)),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      at::vec::transpose_mxn<T>(src + r * g.W * g.D, g.D, dst + r * g.D * g.W, g.W,
+                                static_cast<int>(g.W), static_cast<int>(g.D));
+    }
+  });
   return out;
 }
 
