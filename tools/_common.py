@@ -45,15 +45,28 @@ def default_work_dir(config_path: str) -> str:
     return osp.join('./work_dirs', osp.splitext(osp.basename(config_path))[0])
 
 
+def add_cfg_options(parser, example: str = '') -> None:
+    """The --cfg-options argument every tool takes (mmengine's key=value overrides)."""
+    from mmengine.config import DictAction
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override config settings, key=value pairs' + example)
+
+
+def read_config(args):
+    """args.config with args.cfg_options merged in."""
+    from mmengine.config import Config
+    cfg = Config.fromfile(args.config)
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    return cfg
+
+
 def load_config(args):
     """The config of a train/test run with the command line applied: launcher,
     --cfg-options, the task scope's registries, and work_dir (CLI > config >
     ./work_dirs/<config name>). Returns (cfg, scope)."""
-    from mmengine.config import Config
-    cfg = Config.fromfile(args.config)
+    cfg = read_config(args)
     cfg.launcher = args.launcher
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
     scope = config_scope(cfg)
     register_scope(scope)
     if args.work_dir is not None:

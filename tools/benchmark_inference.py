@@ -13,14 +13,13 @@ import argparse
 import time
 
 import _common  # noqa: F401  (puts the repository on sys.path)
-from _common import (add_repo_to_pythonpath, build_model_from_cfg, config_scope,
-                     dummy_batch)
+from _common import (add_cfg_options, add_repo_to_pythonpath, build_model_from_cfg,
+                     config_scope, dummy_batch, read_config)
 
 DEFAULT_SHAPES = dict(mmdet=(800, 1333), mmseg=(512, 512))
 
 
 def parse_args(argv=None):
-    from mmengine.config import DictAction
     p = argparse.ArgumentParser(description='Benchmark the inference speed of a '
                                 'NAT/DiNAT detector or segmentor.')
     p.add_argument('config', help='config file')
@@ -34,8 +33,7 @@ def parse_args(argv=None):
     p.add_argument('--num-warmup', type=int, default=2, help='untimed iterations first')
     p.add_argument('--device', default='cpu', help='cpu, cuda, cuda:0, ...')
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads')
-    p.add_argument('--cfg-options', nargs='+', action=DictAction,
-                   help='override config settings, key=value pairs')
+    add_cfg_options(p)
     return p.parse_args(argv)
 
 
@@ -43,13 +41,10 @@ def main(argv=None):
     args = parse_args(argv)
     add_repo_to_pythonpath()
     import torch
-    from mmengine.config import Config
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
+    cfg = read_config(args)
     scope = config_scope(cfg)
     if args.shape is None:
         h, w = DEFAULT_SHAPES[scope]

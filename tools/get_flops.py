@@ -13,14 +13,13 @@ tables).
 import argparse
 
 import _common  # noqa: F401  (puts the repository on sys.path)
-from _common import (add_repo_to_pythonpath, build_model_from_cfg, config_scope,
-                     dummy_batch)
+from _common import (add_cfg_options, add_repo_to_pythonpath, build_model_from_cfg,
+                     config_scope, dummy_batch, read_config)
 
 DEFAULT_SHAPES = dict(mmdet=(800, 1280), mmseg=(512, 2048))
 
 
 def parse_args(argv=None):
-    from mmengine.config import DictAction
     p = argparse.ArgumentParser(description='Count the FLOPs and parameters of a '
                                 'NAT/DiNAT detector or segmentor.')
     p.add_argument('config', help='config file')
@@ -31,8 +30,7 @@ def parse_args(argv=None):
                    help='count only the backbone')
     p.add_argument('--show-table', action='store_true',
                    help='print the per-module table')
-    p.add_argument('--cfg-options', nargs='+', action=DictAction,
-                   help='override config settings, key=value pairs')
+    add_cfg_options(p)
     return p.parse_args(argv)
 
 
@@ -47,11 +45,8 @@ def main(argv=None):
 
     import torch
     from mmengine.analysis import get_model_complexity_info
-    from mmengine.config import Config
 
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
+    cfg = read_config(args)
     scope = config_scope(cfg)
     try:
         import nat_mm.flops  # noqa: F401  (registers the NA op FLOP handles)

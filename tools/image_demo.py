@@ -13,11 +13,11 @@ import os
 import os.path as osp
 
 import _common  # noqa: F401  (puts the repository on sys.path)
-from _common import add_repo_to_pythonpath, config_scope, register_scope
+from _common import (add_cfg_options, add_repo_to_pythonpath, config_scope, read_config,
+                     register_scope)
 
 
 def parse_args(argv=None):
-    from mmengine.config import DictAction
     p = argparse.ArgumentParser(
         description='Draw the predictions of a NAT/DiNAT detector or segmentor on an '
         'image and save it as a PNG.')
@@ -34,8 +34,7 @@ def parse_args(argv=None):
     p.add_argument('--upscale', type=int, default=1,
                    help='draw on an N-times enlarged copy of the image (predictions are '
                    'made on the original; useful for small images), default 1')
-    p.add_argument('--cfg-options', nargs='+', action=DictAction,
-                   help='override config settings, key=value pairs')
+    add_cfg_options(p)
     return p.parse_args(argv)
 
 
@@ -43,12 +42,9 @@ def main(argv=None):
     args = parse_args(argv)
     add_repo_to_pythonpath()
     import mmcv
-    from mmengine.config import Config
     from mmengine.registry import init_default_scope
 
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
+    cfg = read_config(args)
     scope = config_scope(cfg)
     register_scope(scope)
     init_default_scope(scope)

@@ -14,11 +14,11 @@ import os
 import os.path as osp
 
 import _common  # noqa: F401  (puts the repository on sys.path)
-from _common import adapt_to_cpu, add_repo_to_pythonpath, config_scope, load_config
+from _common import (adapt_to_cpu, add_cfg_options, add_repo_to_pythonpath, config_scope,
+                     load_config)
 
 
 def parse_args(argv=None):
-    from mmengine.config import DictAction
     parser = argparse.ArgumentParser(
         description='Test (evaluate) a NAT/DiNAT detector (mmdet) or segmentor (mmseg).',
         epilog='The task (mmdet or mmseg) is taken from the config\'s default_scope.')
@@ -37,8 +37,7 @@ def parse_args(argv=None):
                         help='with --show: seconds each image is shown')
     parser.add_argument('--metrics-out', type=str,
                         help='also write the final metrics to this JSON file')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
-                        help='override config settings, key=value pairs')
+    add_cfg_options(parser)
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
                         default='none', help='job launcher')
     parser.add_argument('--tta', action='store_true', help='test time augmentation')

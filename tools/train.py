@@ -15,7 +15,7 @@ import argparse
 import os
 
 import _common  # noqa: F401  (puts the repository on sys.path)
-from _common import adapt_to_cpu, add_repo_to_pythonpath, load_config
+from _common import adapt_to_cpu, add_cfg_options, add_repo_to_pythonpath, load_config
 
 
 def parse_args(argv=None):
@@ -33,10 +33,8 @@ def parse_args(argv=None):
     parser.add_argument('--resume', nargs='?', type=str, const='auto',
                         help='resume from the given checkpoint; without a path, from '
                         'the latest checkpoint in the work dir')
-    parser.add_argument('--cfg-options', nargs='+', action=_common_dict_action(),
-                        help='override config settings, key=value pairs, e.g. '
-                        'train_cfg.max_epochs=12 train_dataloader.batch_size=4 '
-                        'model.backbone.init_cfg=None')
+    add_cfg_options(parser, ', e.g. train_cfg.max_epochs=12 '
+                    'train_dataloader.batch_size=4 model.backbone.init_cfg=None')
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
                         default='none', help='job launcher')
     # torch.distributed.launch passes --local-rank (torchrun sets LOCAL_RANK instead)
@@ -46,11 +44,6 @@ def parse_args(argv=None):
     if 'LOCAL_RANK' not in os.environ:
         os.environ['LOCAL_RANK'] = str(args.local_rank)
     return args
-
-
-def _common_dict_action():
-    from mmengine.config import DictAction
-    return DictAction
 
 
 def main(argv=None):
