@@ -23,9 +23,17 @@ def _cuda_wanted(torch_cuda_available: bool) -> bool:
     return torch_cuda_available
 
 
+# torch >= 2.10 headers need C++20 (compare versions, not strings: '2.9' > '2.10').
+def cxx_standard(torch_version: str) -> str:
+    from torch.torch_version import TorchVersion
+    return '-std=c++20' if TorchVersion(torch_version) >= '2.10' else '-std=c++17'
+
+
+NVCC_OPTIMIZATION = ['-O3', '--use_fast_math', '--expt-relaxed-constexpr', '-lineinfo']
+
+
 def extensions():
     import torch
-    from torch.torch_version import TorchVersion
     from torch.utils.cpp_extension import CUDA_HOME, CppExtension, CUDAExtension
 
     here = os.path.dirname(os.path.abspath(__file__))
@@ -33,8 +41,7 @@ def extensions():
     sources = [os.path.join('csrc', 'register.cpp')]
     sources += sorted(os.path.relpath(p, here) for p in glob.glob(os.path.join(csrc, 'cpu', '*.cpp')))
     arch = os.environ.get('NAT_MM_CPU_ARCH', 'native')
-    # torch >= 2.10 headers need C++20 (compare versions, not strings: '2.9' > '2.10').
-    std = '-std=c++20' if TorchVersion(torch.__version__) >= '2.10' else '-std=c++17'
+    std = cxx_standard(torch.__version__)
     cxx = ['-O3', std,
            f'-march={arch}', '-fno-math-errno', '-fopenmp']  # at::parallel_for is OpenMP
     include_dirs = [csrc]
@@ -44,8 +51,7 @@ def extensions():
                              extra_compile_args={'cxx': cxx}, extra_link_args=['-fopenmp'])]
     os.environ.setdefault('TORCH_CUDA_ARCH_LIST', '8.0;9.0')
     sources += sorted(os.path.relpath(p, here) for p in glob.glob(os.path.join(csrc, 'cuda', '*.cu')))
-    nvcc = ['-O3', '--use_fast_math', '--expt-relaxed-constexpr', '-lineinfo',
-            std]
+    nvcc = NVCC_OPTIMIZATION + [std]
     return [CUDAExtension('nat_mm._C', sources, include_dirs=include_dirs,
                           define_macros=[('NAT_MM_WITH_CUDA', None)],
                           extra_compile_args={'cxx': cxx, 'nvcc': nvcc},

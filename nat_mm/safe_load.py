@@ -45,6 +45,7 @@ import types
 from typing import Callable, Dict, List, Tuple, Union
 
 import torch
+from torch.torch_version import TorchVersion
 
 __all__ = ['allow_mm_checkpoint_types', 'allowed_mm_globals', 'history_buffer_attribute',
            'safe_torch_load', 'UnsafeCheckpointError', 'RNGStateHook', 'get_rng_state',
@@ -112,20 +113,15 @@ def allow_mm_checkpoint_types() -> List[str]:
     default since torch 2.6 -- reads them. Idempotent; returns the names allowed."""
     if _installed:
         return list(_installed)
-    if _torch_version() >= (2, 6):
+    allowed = allowed_mm_globals()
+    if TorchVersion(torch.__version__) >= '2.6':
         entries: List[Union[Callable, Tuple[Callable, str]]] = [
-            (obj, name) for name, obj in allowed_mm_globals().items()]
+            (obj, name) for name, obj in allowed.items()]
     else:  # torch 2.4/2.5: no (object, name) entries; objects go by their own path
-        entries = [obj for name, obj in allowed_mm_globals().items()
-                   if obj is not history_buffer_attribute]
+        entries = [obj for obj in allowed.values() if obj is not history_buffer_attribute]
     torch.serialization.add_safe_globals(entries)
-    _installed.extend(sorted(allowed_mm_globals()))
+    _installed.extend(sorted(allowed))
     return list(_installed)
-
-
-def _torch_version() -> Tuple[int, int]:
-    major, minor = torch.__version__.split('+')[0].split('.')[:2]
-    return int(major), int(''.join(c for c in minor if c.isdigit()) or 0)
 
 
 def harden_mmengine_checkpoint_loader() -> None:

@@ -121,7 +121,6 @@ def test_op_gradients_independent_of_thread_count(op, restore_threads):
 @pytest.mark.parametrize('op', ['na2d_qk', 'na2d'])
 def test_rpb_grad_repeatable(op, restore_threads, deterministic):
     """Same call twice in one process (any thread count): bitwise the same rpb grad."""
-    torch.set_num_threads(2)
     _, first = op_grads(op, threads=2, seed=3)
     _, second = op_grads(op, threads=2, seed=3)
     assert torch.equal(first['rpb'], second['rpb'])

@@ -74,7 +74,7 @@ def test_qk_and_av_beyond_2_31_elements():
     av_seconds = time.perf_counter() - start
 
     rows, _ = axis_neighbors(SIZE, KERNEL, DILATION)
-    cols, _ = axis_neighbors(SIZE, KERNEL, DILATION)
+    cols = rows  # square map
     q64, k64, v64 = (t[0, 0] for t in (query, key, value))
     for i, j in sample_queries(generator):
         keys = k64[rows[i][:, None], cols[j][None, :]].double().reshape(WINDOW, DIM)

@@ -119,7 +119,7 @@ class CountBackbone:
 
     def __init__(self, backbone):
         self.calls = 0
-        backbone.register_forward_hook(self)
+        self.handle = backbone.register_forward_hook(self)  # removed after the step
 
     def __call__(self, module, args, output):
         self.calls += 1
@@ -165,6 +165,7 @@ def test_training_step_survives(task, case, models):
         return
     finally:
         optim.zero_grad()
+        counter.handle.remove()  # the model is shared across cases
     assert counter.calls > 0
     loss = log_vars['loss']
     if case in ('nan_pixel', 'nan_weight'):

@@ -45,6 +45,43 @@ def default_work_dir(config_path: str) -> str:
     return osp.join('./work_dirs', osp.splitext(osp.basename(config_path))[0])
 
 
+def add_launcher_args(parser) -> None:
+    """--launcher, and the --local-rank that torch.distributed.launch passes (torchrun sets
+    LOCAL_RANK instead); parse_launcher_args() exports it."""
+    import argparse
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
+                        default='none', help='job launcher')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0,
+                        help=argparse.SUPPRESS)
+
+
+def parse_launcher_args(parser, argv=None):
+    args = parser.parse_args(argv)
+    if 'LOCAL_RANK' not in os.environ:
+        os.environ['LOCAL_RANK'] = str(args.local_rank)
+    return args
+
+
+def build_runner(cfg):
+    """mmengine's Runner, or the config's own runner_type."""
+    from mmengine.registry import RUNNERS
+    from mmengine.runner import Runner
+    return Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
+
+
+def input_hw(shape, default):
+    """(height, width) from a --shape of one or two ints (None: default)."""
+    if shape is None:
+        return tuple(default)
+    return (shape[0], shape[0]) if len(shape) == 1 else tuple(shape[:2])
+
+
+def skip_backbone_init(cfg) -> None:
+    """Drop the backbone's pretrained init: the checkpoint (or nothing) provides weights."""
+    if cfg.model.get('backbone', {}).get('init_cfg') is not None:
+        cfg.model.backbone.init_cfg = None
+
+
 def add_cfg_options(parser, example: str = '') -> None:
     """The --cfg-options argument every tool takes (mmengine's key=value overrides)."""
     from mmengine.config import DictAction
@@ -136,8 +173,7 @@ def build_model_from_cfg(cfg, checkpoint=None, device='cpu'):
     scope = config_scope(cfg)
     register_scope(scope)
     init_default_scope(scope)
-    if cfg.model.get('backbone', {}).get('init_cfg') is not None:
-        cfg.model.backbone.init_cfg = None
+    skip_backbone_init(cfg)
     model = MODELS.build(cfg.model)
     model = revert_sync_batchnorm(model)
     if checkpoint is not None:

@@ -111,11 +111,8 @@ def machine_info():
                        if line.startswith('model name'))
     except (OSError, StopIteration):
         pass
-    try:
-        from nat_mm.ops import backend_info
-        backend = backend_info()
-    except Exception as exc:  # the benchmark itself does not need this
-        backend = f'unknown ({exc})'
+    from nat_mm.ops import backend_info
+    backend = backend_info()
     return dict(cpu=cpu, cores=os.cpu_count(), threads=torch.get_num_threads(),
                 torch=torch.__version__, python=platform.python_version(),
                 nat_mm_backend=backend)

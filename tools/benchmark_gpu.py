@@ -33,9 +33,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from nat_mm.ops import backend_info, na2d, na2d_av, na2d_qk, na2d_reference  # noqa: E402
+from benchmark_ops import HEAD_DIM, KERNEL, window_bias  # noqa: E402  (same window, bias)
 
-KERNEL = 7
-HEAD_DIM = 32
 HEADS = (2, 4, 8, 16)
 SHAPES = {
     'cls224': (64, [(56, 56), (28, 28), (14, 14), (7, 7)]),
@@ -58,16 +57,6 @@ def nat_unfused(q, k, v, rpb, scale):
 
 def reference(q, k, v, rpb, scale):
     return na2d_reference(q, k, v, (KERNEL, KERNEL), (1, 1), rpb=rpb, scale=scale)
-
-
-def window_bias(rpb):
-    """Swin's [heads, 49, 49] bias from a [heads, 13, 13] relative position table."""
-    idx = torch.arange(KERNEL, device=rpb.device)
-    qi, qj = torch.meshgrid(idx, idx, indexing='ij')
-    qi, qj = qi.reshape(-1), qj.reshape(-1)
-    di = qi[None, :] - qi[:, None] + KERNEL - 1  # key - query
-    dj = qj[None, :] - qj[:, None] + KERNEL - 1
-    return rpb[:, di, dj]
 
 
 def _partition(x):

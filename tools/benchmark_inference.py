@@ -14,7 +14,7 @@ import time
 
 import _common  # noqa: F401  (puts the repository on sys.path)
 from _common import (add_cfg_options, add_repo_to_pythonpath, build_model_from_cfg,
-                     config_scope, dummy_batch, read_config)
+                     config_scope, dummy_batch, input_hw, read_config)
 
 DEFAULT_SHAPES = dict(mmdet=(800, 1333), mmseg=(512, 512))
 
@@ -46,12 +46,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     cfg = read_config(args)
     scope = config_scope(cfg)
-    if args.shape is None:
-        h, w = DEFAULT_SHAPES[scope]
-    elif len(args.shape) == 1:
-        h = w = args.shape[0]
-    else:
-        h, w = args.shape[:2]
+    h, w = input_hw(args.shape, DEFAULT_SHAPES[scope])
     model = build_model_from_cfg(cfg, args.checkpoint, device=args.device)
     data = dummy_batch(scope, h, w, args.batch_size)
     cuda = str(args.device).startswith('cuda')
@@ -72,11 +67,8 @@ def main(argv=None):
     times.sort()
     mean = sum(times) / len(times)
     median = times[len(times) // 2]
-    try:
-        from nat_mm.ops import backend_info
-        backend = backend_info()
-    except Exception as e:  # noqa: BLE001
-        backend = f'unknown ({e})'
+    from nat_mm.ops import backend_info
+    backend = backend_info()
     print(f'config: {args.config}\ndevice: {args.device}, threads: '
           f'{torch.get_num_threads()}, NA backend: {backend}\n'
           f'input: {args.batch_size} x 3 x {h} x {w}, {args.num_iters} iterations after '

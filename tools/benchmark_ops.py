@@ -90,16 +90,6 @@ def run_once(method, inputs, backward):
             fn(*inputs)
 
 
-def median_ms(method, inputs, backward, repeat):
-    run_once(method, inputs, backward)  # warm-up
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        run_once(method, inputs, backward)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 def peak_memory_mb(method, shape, backward):
     """Extra peak RSS of one call, measured in a fresh interpreter."""
     cmd = [sys.executable, __file__, '--_memory', method, *map(str, shape), str(int(backward))]
@@ -150,17 +140,15 @@ def interleaved_ms(methods, inputs, backward, repeat):
         for m in methods:
             if m == 'reference' and r > 0:
                 continue
-            start = time.perf_counter()
-            run_once(m, inputs[m], backward)
-            times[m].append((time.perf_counter() - start) * 1e3)
+            times[m].append(_time_ms(lambda: run_once(m, inputs[m], backward)))
     return {m: statistics.median(t) for m, t in times.items()}
 
 
 def benchmark(shapes, methods, repeat, memory):
     rows = []
     for name, *shape in shapes:
+        inputs = {m: make_inputs(m, *shape) for m in methods}
         for backward in (False, True):
-            inputs = {m: make_inputs(m, *shape) for m in methods}
             times = interleaved_ms(methods, inputs, backward, repeat)
             for method in methods:
                 ms = times[method]
@@ -202,8 +190,8 @@ def plot(path, repeat):
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in ('nat_mm', 'swin_sdpa'):
         for backward, style in ((False, '--'), (True, '-')):
-            ms = [median_ms(method, make_inputs(method, 1, 2, s, s), backward, repeat)
-                  for s in sides]
+            ms = [interleaved_ms([method], {method: make_inputs(method, 1, 2, s, s)},
+                                 backward, repeat)[method] for s in sides]
             ax.plot([s * s for s in sides], ms, style, marker='o',
                     label=f"{method} {'fwd+bwd' if backward else 'fwd'}")
     ax.set_xlabel('map size H*W (square maps, 2 heads, head dim 32, k=7)')

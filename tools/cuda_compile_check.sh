@@ -63,11 +63,13 @@ for sub in ('nvidia/cu13/include', 'nvidia/cuda_runtime/include'):
     p = os.path.join(site, sub)
     if os.path.isdir(p):
         inc.append(p)
-std = '-std=c++20' if torch.__version__ >= '2.10' else '-std=c++17'
+sys.path.insert(0, root)
+from setup import NVCC_OPTIMIZATION, cxx_standard  # the flags setup.py builds with
+std = cxx_standard(torch.__version__)
 abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
 flags = ['-I' + os.path.join(root, 'csrc')] + ['-I' + p for p in inc]
 flags += list(ce.COMMON_NVCC_FLAGS)
-flags += ['-O3', '--use_fast_math', '-lineinfo', std, '-DNAT_MM_WITH_CUDA',
+flags += NVCC_OPTIMIZATION + [std, '-DNAT_MM_WITH_CUDA',
           '-DTORCH_EXTENSION_NAME=_C', '-DTORCH_API_INCLUDE_EXTENSION_H',
           f'-D_GLIBCXX_USE_CXX11_ABI={abi}', '-Xcompiler', '-fPIC']
 print('\n'.join(flags))

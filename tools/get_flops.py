@@ -14,7 +14,7 @@ import argparse
 
 import _common  # noqa: F401  (puts the repository on sys.path)
 from _common import (add_cfg_options, add_repo_to_pythonpath, build_model_from_cfg,
-                     config_scope, dummy_batch, read_config)
+                     config_scope, dummy_batch, input_hw, read_config)
 
 DEFAULT_SHAPES = dict(mmdet=(800, 1280), mmseg=(512, 2048))
 
@@ -48,16 +48,8 @@ def main(argv=None):
 
     cfg = read_config(args)
     scope = config_scope(cfg)
-    try:
-        import nat_mm.flops  # noqa: F401  (registers the NA op FLOP handles)
-    except ImportError:
-        print('warning: nat_mm.flops not found: neighborhood attention is not counted')
-    if args.shape is None:
-        h, w = DEFAULT_SHAPES[scope]
-    elif len(args.shape) == 1:
-        h = w = args.shape[0]
-    else:
-        h, w = args.shape[:2]
+    import nat_mm.flops  # noqa: F401  (registers the NA op FLOP handles)
+    h, w = input_hw(args.shape, DEFAULT_SHAPES[scope])
 
     model = build_model_from_cfg(cfg)
     with torch.no_grad():

@@ -14,7 +14,7 @@ import os.path as osp
 
 import _common  # noqa: F401  (puts the repository on sys.path)
 from _common import (add_cfg_options, add_repo_to_pythonpath, config_scope, read_config,
-                     register_scope)
+                     register_scope, skip_backbone_init)
 
 
 def parse_args(argv=None):
@@ -48,7 +48,7 @@ def main(argv=None):
     scope = config_scope(cfg)
     register_scope(scope)
     init_default_scope(scope)
-    cfg.model.backbone.init_cfg = None
+    skip_backbone_init(cfg)
     os.makedirs(osp.dirname(osp.abspath(args.out_file)), exist_ok=True)
 
     import torch.nn.functional as F
@@ -58,9 +58,8 @@ def main(argv=None):
         image = mmcv.imrescale(image, up, interpolation='bicubic')
 
     def enlarge(mask):  # [N, H, W] -> [N, up*H, up*W], nearest
-        if up == 1 or mask.numel() == 0:
-            return mask if up == 1 else mask.new_zeros(
-                (mask.shape[0], mask.shape[1] * up, mask.shape[2] * up))
+        if mask.numel() == 0:
+            return mask.new_zeros((mask.shape[0], mask.shape[1] * up, mask.shape[2] * up))
         return F.interpolate(mask[None].float(), scale_factor=up,
                              mode='nearest')[0].to(mask.dtype)
     if scope == 'mmdet':

@@ -14,8 +14,9 @@ import os
 import os.path as osp
 
 import _common  # noqa: F401  (puts the repository on sys.path)
-from _common import (adapt_to_cpu, add_cfg_options, add_repo_to_pythonpath, config_scope,
-                     load_config)
+from _common import (adapt_to_cpu, add_cfg_options, add_launcher_args, add_repo_to_pythonpath,
+                     build_runner, config_scope, load_config, parse_launcher_args,
+                     skip_backbone_init)
 
 
 def parse_args(argv=None):
@@ -38,15 +39,9 @@ def parse_args(argv=None):
     parser.add_argument('--metrics-out', type=str,
                         help='also write the final metrics to this JSON file')
     add_cfg_options(parser)
-    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
-                        default='none', help='job launcher')
+    add_launcher_args(parser)
     parser.add_argument('--tta', action='store_true', help='test time augmentation')
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0,
-                        help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if 'LOCAL_RANK' not in os.environ:
-        os.environ['LOCAL_RANK'] = str(args.local_rank)
-    return args
+    return parse_launcher_args(parser, argv)
 
 
 def trigger_visualization_hook(cfg, args):
@@ -101,14 +96,9 @@ def _to_json(value):
 def main(argv=None):
     args = parse_args(argv)
     add_repo_to_pythonpath()
-    from mmengine.registry import RUNNERS
-    from mmengine.runner import Runner
-
     cfg, scope = load_config(args)
     cfg.load_from = args.checkpoint
-    # testing never needs pretrained backbone weights: they are overwritten anyway
-    if cfg.model.get('backbone', {}).get('init_cfg') is not None:
-        cfg.model.backbone.init_cfg = None
+    skip_backbone_init(cfg)  # testing never needs pretrained backbone weights
 
     if args.show or args.show_dir:
         cfg = trigger_visualization_hook(cfg, args)
@@ -119,10 +109,7 @@ def main(argv=None):
         cfg.test_evaluator['keep_results'] = True
     adapt_to_cpu(cfg, args.launcher, logger_print=lambda *a: None)
 
-    if 'runner_type' not in cfg:
-        runner = Runner.from_cfg(cfg)
-    else:
-        runner = RUNNERS.build(cfg)
+    runner = build_runner(cfg)
 
     if args.out is not None and scope == 'mmdet':
         if not args.out.endswith(('.pkl', '.pickle')):

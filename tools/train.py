@@ -12,10 +12,10 @@ mmseg's tools/train.py.
 Without a GPU, AmpOptimWrapper (fp16) falls back to fp32 and distributed runs use gloo.
 """
 import argparse
-import os
 
 import _common  # noqa: F401  (puts the repository on sys.path)
-from _common import adapt_to_cpu, add_cfg_options, add_repo_to_pythonpath, load_config
+from _common import (adapt_to_cpu, add_cfg_options, add_launcher_args, add_repo_to_pythonpath,
+                     build_runner, load_config, parse_launcher_args)
 
 
 def parse_args(argv=None):
@@ -35,23 +35,13 @@ def parse_args(argv=None):
                         'the latest checkpoint in the work dir')
     add_cfg_options(parser, ', e.g. train_cfg.max_epochs=12 '
                     'train_dataloader.batch_size=4 model.backbone.init_cfg=None')
-    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],
-                        default='none', help='job launcher')
-    # torch.distributed.launch passes --local-rank (torchrun sets LOCAL_RANK instead)
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0,
-                        help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if 'LOCAL_RANK' not in os.environ:
-        os.environ['LOCAL_RANK'] = str(args.local_rank)
-    return args
+    add_launcher_args(parser)
+    return parse_launcher_args(parser, argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     add_repo_to_pythonpath()
-    from mmengine.registry import RUNNERS
-    from mmengine.runner import Runner
-
     cfg, scope = load_config(args)
 
     if args.amp:
@@ -81,11 +71,7 @@ def main(argv=None):
         cfg.resume = True
         cfg.load_from = args.resume
 
-    if 'runner_type' not in cfg:
-        runner = Runner.from_cfg(cfg)
-    else:
-        runner = RUNNERS.build(cfg)
-    runner.train()
+    build_runner(cfg).train()
 
 
 if __name__ == '__main__':

@@ -9,12 +9,7 @@ model = dict(
         type='DiNAT',
         arch='tiny',
         kernel_size=7,
-        dilations=[
-            [1, 28, 1],
-            [1, 7, 1, 14],
-            [1, 3, 1, 5, 1, 7, 1, 3, 1, 5, 1, 7, 1, 3, 1, 5, 1, 7],
-            [1, 3, 1, 3, 1],
-        ],
+        dilations='coco',  # nat_mm.models.presets.DILATION_PRESETS
         drop_path_rate=0.3,
         init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
     neck=dict(in_channels=[64, 128, 256, 512]))

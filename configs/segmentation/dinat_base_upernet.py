@@ -9,12 +9,7 @@ model = dict(
         type='DiNAT',
         arch='base',
         kernel_size=7,
-        dilations=[
-            [1, 16, 1],
-            [1, 4, 1, 8],
-            [1, 2, 1, 3, 1, 4, 1, 2, 1, 3, 1, 4, 1, 2, 1, 3, 1, 4],
-            [1, 2, 1, 2, 1],
-        ],
+        dilations='ade',  # nat_mm.models.presets.DILATION_PRESETS
         drop_path_rate=0.5,
         init_cfg=dict(type='Pretrained', checkpoint=pretrained)),
     decode_head=dict(in_channels=[128, 256, 512, 1024]),

@@ -317,42 +317,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_fused_backward_c
   at::Tensor p = at::empty({g.batch, g.heads, g.height, g.width, g.window}, ls.options());
   at::Tensor ds = at::empty(p.sizes(), p.options());
 
-  bool done = false;
-  if (!force_simple() && g.dim > 0) {
-    switch (dtype) {
-      case at::kHalf:
-        done = query_side_tiled<c10::Half>(q, k, v, go, o, bias, ls, p, ds, grad_q, g, scale,
-                                           stream);
-        break;
-      case at::kBFloat16:
-        done = query_side_tiled<c10::BFloat16>(q, k, v, go, o, bias, ls, p, ds, grad_q, g,
-                                               scale, stream);
-        break;
-      case at::kFloat:
-        done = query_side_tiled<float>(q, k, v, go, o, bias, ls, p, ds, grad_q, g, scale, stream);
-        break;
-      default:
-        break;
-    }
-  }
+  const bool done = g.dim > 0 && with_tiled_type(dtype, [&](auto type) {
+    return query_side_tiled<decltype(type)>(q, k, v, go, o, bias, ls, p, ds, grad_q, g, scale,
+                                            stream);
+  });
   if (!done) query_side_simple(q, k, v, go, o, bias, ls, p, ds, grad_q, g, scale, stream);
-  bool keys_done = false;
-  if (done) {  // the tiled query side ran: same dtype and head-dim conditions
-    switch (dtype) {
-      case at::kHalf:
-        keys_done = key_side_tiled<c10::Half>(q, go, p, ds, grad_k, grad_v, g, scale, stream);
-        break;
-      case at::kBFloat16:
-        keys_done =
-            key_side_tiled<c10::BFloat16>(q, go, p, ds, grad_k, grad_v, g, scale, stream);
-        break;
-      case at::kFloat:
-        keys_done = key_side_tiled<float>(q, go, p, ds, grad_k, grad_v, g, scale, stream);
-        break;
-      default:
-        break;
-    }
-  }
+  // the key side's tiles are larger (query halo): they may not fit where the query side's did
+  const bool keys_done = done && with_tiled_type(dtype, [&](auto type) {
+    return key_side_tiled<decltype(type)>(q, go, p, ds, grad_k, grad_v, g, scale, stream);
+  });
   if (!keys_done) launch_inverse(ds, q, grad_k, scale, p, go, grad_v, 1.0, g, stream);
   launch_rpb_grad(ds, grad_rpb, g, stream);
   return {grad_q, grad_k, grad_v, grad_rpb};

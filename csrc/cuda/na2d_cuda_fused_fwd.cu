@@ -171,22 +171,9 @@ std::tuple<at::Tensor, at::Tensor> na2d_fused_cuda(const at::Tensor& query, cons
   at::Tensor lse = at::empty({g.batch, g.heads, g.height, g.width}, q.options().dtype(lse_type));
   if (g.queries == 0) return {out, lse};
   const cudaStream_t stream = current_stream(q);
-  bool done = false;
-  if (!force_simple() && g.dim > 0) {
-    switch (q.scalar_type()) {
-      case at::kHalf:
-        done = fused_forward_tiled<c10::Half>(q, k, v, bias, out, lse, g, scale, stream);
-        break;
-      case at::kBFloat16:
-        done = fused_forward_tiled<c10::BFloat16>(q, k, v, bias, out, lse, g, scale, stream);
-        break;
-      case at::kFloat:
-        done = fused_forward_tiled<float>(q, k, v, bias, out, lse, g, scale, stream);
-        break;
-      default:
-        break;
-    }
-  }
+  const bool done = g.dim > 0 && with_tiled_type(q.scalar_type(), [&](auto type) {
+    return fused_forward_tiled<decltype(type)>(q, k, v, bias, out, lse, g, scale, stream);
+  });
   if (!done) fused_forward_simple(q, k, v, bias, out, lse, g, scale, stream);
   return {out, lse};
 }

@@ -22,7 +22,6 @@ struct TileConfig {
   int th, tw;                // queries per tile (sub-grid rows, columns)
   int halo_h, halo_w;        // largest halo (key rows, columns) a tile can need
   int stride;                // elements between two keys in shared memory (>= dim)
-  int group;                 // G: threads per query
   int key_tile;              // 1: tiles of keys with a halo of queries
   int64_t tiles_h, tiles_w;  // tiles per residue class along each axis
   int64_t total_tiles;
@@ -77,7 +76,6 @@ inline bool plan_tiles(const Geometry& g, int G, int elem_bytes, int64_t smem_li
       tc.halo_h = static_cast<int>(halo_h);
       tc.halo_w = static_cast<int>(halo_w);
       tc.stride = stride;
-      tc.group = G;
       tc.key_tile = key_tile ? 1 : 0;
       tc.tiles_h = (sub_h + th - 1) / th;
       tc.tiles_w = (sub_w + tw - 1) / tw;
@@ -227,14 +225,14 @@ __device__ __forceinline__ TileQuery tile_query(int group, const Geometry& g,
   q.active = t.s0h + qr <= t.s1h && t.s0w + qc <= t.s1w;
   const int64_t sh = t.s0h + qr <= t.s1h ? t.s0h + qr : t.s1h;
   const int64_t sw = t.s0w + qc <= t.s1w ? t.s0w + qc : t.s1w;
-  const int64_t qi = sh * g.dh + t.ri, qj = sw * g.dw + t.rj;
-  const AxisWindow wr = axis_window(qi, g.height, g.kh, g.dh);
-  const AxisWindow wc = axis_window(qj, g.width, g.kw, g.dw);
-  q.index = t.plane + qi * g.width + qj;
+  q.index = t.plane + (sh * g.dh + t.ri) * g.width + sw * g.dw + t.rj;
   q.sub_h = sh;
   q.sub_w = sw;
-  q.key_row0 = (wr.start - t.k0h) * tc.halo_w + (wc.start - t.k0w);
-  q.bias0 = wr.bias(0, g.kh) * g.bias_w + wc.bias(0, g.kw);
+  // the window on the residue's sub-grid (what axis_window gives, without its divisions)
+  const int64_t start_h = sub_window_start(sh, t.len_h, g.kh);
+  const int64_t start_w = sub_window_start(sw, t.len_w, g.kw);
+  q.key_row0 = (start_h - t.k0h) * tc.halo_w + (start_w - t.k0w);
+  q.bias0 = (start_h - sh + g.kh - 1) * g.bias_w + (start_w - sw + g.kw - 1);
   return q;
 }
 
@@ -262,6 +260,23 @@ __device__ __forceinline__ float group_sum(float x) {
 #pragma unroll
   for (int off = G / 2; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
   return x;
+}
+
+// Calls f(T{}) with the element type T of the tiled kernels (float16, bfloat16, float32);
+// false for other dtypes and when NAT_MM_CUDA_FORCE_SIMPLE is set.
+template <typename F>
+bool with_tiled_type(at::ScalarType type, F&& f) {
+  if (force_simple()) return false;
+  switch (type) {
+    case at::kHalf:
+      return f(c10::Half{});
+    case at::kBFloat16:
+      return f(c10::BFloat16{});
+    case at::kFloat:
+      return f(float{});
+    default:
+      return false;
+  }
 }
 
 // Threads per query G and channels per thread DPT (G * DPT >= head_dim) by head_dim:
