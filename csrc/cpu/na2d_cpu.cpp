@@ -24,6 +24,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <vector>
 
@@ -271,6 +272,131 @@ void weighted_sum(const T* w, const T* const* src, int64_t terms, int64_t D, T* 
   }
 }
 
+// ------------------------------------------------------------------ band sums
+// A band: X consecutive interior outputs x0 + i of one row and the source positions they
+// reach in one row, x0 + (j - kw/2) * d for j < X + KW - 1; output i takes sources i..i+KW-1
+// (term t = j - i). Adjacent outputs share KW-1 sources, so each source vector is loaded
+// once for up to KW outputs, where the per-query weighted_sum loads it once per output;
+// every (i, t) pair is a compile-time constant: no masks, no branches. Over `rows` rows:
+//   out[i][c] = sum_r sum_t w[r][i * wx + t * wt] * s[r][(i + t) * s_step + c]
+// V vectors of channels per pass: X * V accumulators stay in registers.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kBandVectors = 2;  // 16 accumulators + 2 sources of 32 registers
+#else
+constexpr int kBandVectors = 1;  // 16 registers
+#endif
+
+// Outputs per band: 8, or a whole vector when that is shorter (double on AVX2).
+template <typename T>
+constexpr int band_outputs() { return Vec<T>::size() < 8 ? static_cast<int>(Vec<T>::size()) : 8; }
+
+struct BandRows {
+  int64_t rows, wx, wt, s_step;
+};
+
+template <int X, int KW, int V, typename T>
+void band_block(const T* const* w, const T* const* s, const BandRows& b, T* out,
+                int64_t out_step) {
+  constexpr int64_t L = Vec<T>::size();
+  Vec<T> acc[X][V];
+  for (int i = 0; i < X; ++i)
+    for (int v = 0; v < V; ++v) acc[i][v] = Vec<T>(T(0));
+  for (int64_t r = 0; r < b.rows; ++r) {
+    const T* wr = w[r];
+    const T* sr = s[r];
+#pragma GCC unroll 64
+    for (int j = 0; j < X + KW - 1; ++j) {
+      Vec<T> src[V];
+      for (int v = 0; v < V; ++v) src[v] = Vec<T>::loadu(sr + j * b.s_step + v * L);
+#pragma GCC unroll 16
+      for (int i = 0; i < X; ++i) {
+        const int t = j - i;
+        if (t < 0 || t >= KW) continue;
+        const Vec<T> wv(wr[i * b.wx + t * b.wt]);
+        for (int v = 0; v < V; ++v) acc[i][v] = at::vec::fmadd(wv, src[v], acc[i][v]);
+      }
+    }
+  }
+  for (int i = 0; i < X; ++i)
+    for (int v = 0; v < V; ++v) acc[i][v].store(out + i * out_step + v * L);
+}
+
+// Row pointers of the bands of one run (at most 2k-1 rows: see InverseAxis).
+// row_w / row_s: filled by the caller; the rest is band_run's own.
+template <typename T>
+struct BandScratch {
+  std::vector<const T*> row_w, row_s, w, s, channel;
+  explicit BandScratch(int64_t kernel)
+      : row_w(2 * kernel), row_s(2 * kernel), w(2 * kernel), s(2 * kernel),
+        channel(2 * kernel) {}
+};
+
+// All channels of one band: passes of V vectors, then single vectors.
+template <int KW, typename T>
+void band_channels(const T* const* w, const T* const* s, const BandRows& b, int64_t D,
+                   T* out, int64_t out_step, const T** shifted) {
+  constexpr int X = band_outputs<T>();
+  constexpr int64_t L = Vec<T>::size();
+  for (int64_t d0 = 0; d0 < D;) {
+    const int64_t width = D - d0 >= kBandVectors * L ? kBandVectors * L : L;
+    for (int64_t r = 0; r < b.rows; ++r) shifted[r] = s[r] + d0;
+    if (width == L) {
+      band_block<X, KW, 1>(w, shifted, b, out + d0, out_step);
+    } else {
+      band_block<X, KW, kBandVectors>(w, shifted, b, out + d0, out_step);
+    }
+    d0 += width;
+  }
+}
+
+// Kernel widths with a band kernel (odd, <= 13, no column dilation); the others, and
+// channels that are no whole number of vectors, take the per-output paths.
+template <typename T>
+bool band_supported(const Geometry& g) {
+  if (std::getenv("NAT_MM_NO_BAND")) return false;  // TEMP A/B
+  return g.dw == 1 && g.kw <= 13 && g.D % Vec<T>::size() == 0;
+}
+
+// `count` consecutive interior outputs (default: a vector's worth), in bands of
+// band_outputs<T>(); scratch.row_w[r] / row_s[r] point at the first output's first weight
+// / first source in row r; out is [output][D].
+template <typename T>
+void band_run(const BandRows& b, const Geometry& g, T* out, BandScratch<T>& scratch,
+              int64_t count = Vec<T>::size()) {
+  constexpr int X = band_outputs<T>();
+  for (int64_t x0 = 0; x0 < count; x0 += X) {
+    for (int64_t r = 0; r < b.rows; ++r) {
+      scratch.w[r] = scratch.row_w[r] + x0 * b.wx;
+      scratch.s[r] = scratch.row_s[r] + x0 * b.s_step;
+    }
+    const T* const* ws = scratch.w.data();
+    const T* const* ss = scratch.s.data();
+    T* o = out + x0 * g.D;
+    const T** ch = scratch.channel.data();
+    switch (g.kw) {
+      case 3: band_channels<3>(ws, ss, b, g.D, o, g.D, ch); break;
+      case 5: band_channels<5>(ws, ss, b, g.D, o, g.D, ch); break;
+      case 7: band_channels<7>(ws, ss, b, g.D, o, g.D, ch); break;
+      case 9: band_channels<9>(ws, ss, b, g.D, o, g.D, ch); break;
+      case 11: band_channels<11>(ws, ss, b, g.D, o, g.D, ch); break;
+      default: band_channels<13>(ws, ss, b, g.D, o, g.D, ch); break;
+    }
+  }
+}
+
+// The band of a query run: weights w_row + m * w_window_row + (lane * wx + n * wt) for
+// window row m, sources: the run's key rows in a [row][col][C] plane.
+template <typename T>
+BandRows query_band(const T* w_row, int64_t w_window_row, int64_t wx, int64_t wt,
+                    const T* plane, const AxisWindow& rw, int64_t j0, const Geometry& g,
+                    BandScratch<T>& scratch) {
+  for (int64_t m = 0; m < g.kh; ++m) {
+    scratch.row_w[m] = w_row + m * w_window_row;
+    scratch.row_s[m] = plane + (rw.key(m) * g.W + j0 - g.kw / 2) * g.D;
+  }
+  return {g.kh, wx, wt, g.D};
+}
+
 // Pointers to the kh*kw neighbors of one query in a [plane][row][col][C] map.
 template <typename T>
 void neighbor_rows(const T* plane, const AxisWindow& rw, const AxisWindow& cw,
@@ -309,13 +435,13 @@ struct InverseAxis {
 // n of query column c + (kw/2 - n) * dw exactly (one query per n), and the run is
 // vectorized over its keys like the query runs.
 template <int N, typename T>
-inline void run_inverse_group(const T* w, const T* const* a_rows, int64_t count,
-                              const int64_t* w_offset, const int64_t* a_offset, int64_t a_shift,
-                              int64_t channel_stride, T* out, int64_t out_stride) {
+inline void run_inverse_group(const T* const* w_at, const T* const* a_rows, int64_t count,
+                              const int64_t* a_offset, int64_t a_shift, int64_t channel_stride,
+                              T* out, int64_t out_stride) {
   Vec<T> acc[N];
   for (int i = 0; i < N; ++i) acc[i] = Vec<T>(T(0));
   for (int64_t term = 0; term < count; ++term) {
-    const Vec<T> wv = Vec<T>::loadu(w + w_offset[term]);
+    const Vec<T> wv = Vec<T>::loadu(w_at[term]);
     const T* a = a_rows[term] + a_offset[term] + a_shift;
     for (int i = 0; i < N; ++i)
       acc[i] = at::vec::fmadd(wv, Vec<T>::loadu(a + i * channel_stride), acc[i]);
@@ -323,72 +449,136 @@ inline void run_inverse_group(const T* w, const T* const* a_rows, int64_t count,
   for (int i = 0; i < N; ++i) acc[i].store(out + i * out_stride);
 }
 
-// out[key][:] = sum over the (query, neighbor) pairs that reach key of w[q, n] * a[q][:].
-// a: [plane][row][col][C]; a_t: the same as [plane][row][C][col] (for key runs). Parallel
-// over key rows; each key gathers its own terms: deterministic, no atomics.
+// One key row of the inverse sums, with its per-thread buffers:
+//   out[key][:] = sum over the (query, neighbor) pairs that reach key of w[q, n] * a[q][:].
+// a: [plane][row][col][C]; a_t: the same as [plane][row][C][col] (read by key runs without a
+// band kernel); w_rows(y): the neighbor-major weights [K2][W] of query row y of the plane.
+// Each key gathers its own terms: deterministic, no atomics.
+template <typename T>
+class InverseRows {
+ public:
+  InverseRows(const Geometry& g, const std::vector<int64_t>& row_starts,
+              const std::vector<int64_t>& col_starts)
+      : g_(g), row_starts_(row_starts), col_starts_(col_starts), band_(band_supported<T>(g)),
+        rows_(g.kh), cols_(g.kw), weights_(4 * g.window()), block_(g.D * Vec<T>::size()),
+        sources_(4 * g.window()), w_at_(4 * g.window()), a_offset_(4 * g.window()),
+        scratch_(g.kh) {}
+
+  template <typename WeightRows>
+  void row(int64_t p, int64_t r, WeightRows&& w_rows, const T* a, const T* a_t, T* out_row) {
+    constexpr int64_t L = Vec<T>::size();
+    const Geometry& g = g_;
+    const int64_t half = g.kw / 2;
+    rows_.fill(r, g.H, g.kh, g.dh, row_starts_);
+    // Keys in [kw, W - 1 - kw] are seen by unclamped queries only (one per neighbor): bands
+    // of X of them, the last one overlapping its predecessor (it rewrites equal values).
+    constexpr int64_t X = band_outputs<T>();
+    const int64_t reach = g.kw * g.dw, last_band = g.W - reach - X;
+    // key c + i, term t: query column c + i + t - half, neighbor kw - 1 - t
+    auto band = [&](int64_t c) {
+      for (int64_t y = 0; y < rows_.count; ++y) {
+        const int64_t qi = p * g.H + rows_.query[y];
+        scratch_.row_w[y] =
+            w_rows(rows_.query[y]) + (rows_.neighbor[y] * g.kw + g.kw - 1) * g.W + c - half;
+        scratch_.row_s[y] = a + (qi * g.W + c - half) * g.D;
+      }
+      band_run(BandRows{rows_.count, 1, 1 - g.W, g.D}, g, out_row + c * g.D, scratch_, X);
+    };
+    int64_t c = 0;
+    while (c < g.W) {
+      if (band_ && c >= reach && c <= last_band) {
+        band(c);
+        c += X;
+        continue;
+      }
+      if (band_ && c > reach && c < g.W - reach && last_band >= reach) {
+        band(last_band);
+        c = last_band + X;
+        continue;
+      }
+      if (!band_ && c + L <= g.W && axis_run_is_interior(c, L, g.W, 2 * g.kw + 1, g.dw)) {
+        key_run(p, c, w_rows, a_t, out_row);
+        c += L;
+        continue;
+      }
+      cols_.fill(c, g.W, g.kw, g.dw, col_starts_);
+      int64_t terms = 0;
+      for (int64_t y = 0; y < rows_.count; ++y) {
+        const int64_t qi = p * g.H + rows_.query[y];
+        const T* w_row = w_rows(rows_.query[y]) + rows_.neighbor[y] * g.kw * g.W;
+        for (int64_t x = 0; x < cols_.count; ++x, ++terms) {
+          weights_[terms] = w_row[cols_.neighbor[x] * g.W + cols_.query[x]];
+          sources_[terms] = a + (qi * g.W + cols_.query[x]) * g.D;
+        }
+      }
+      weighted_sum(weights_.data(), sources_.data(), terms, g.D, out_row + c * g.D);
+      ++c;
+    }
+  }
+
+ private:
+  // A key run without a band kernel, vectorized over its keys: every query that sees key
+  // c + t has an unclamped window, so it is neighbor n of query column c + t + (half - n) dw.
+  template <typename WeightRows>
+  void key_run(int64_t p, int64_t c, WeightRows&& w_rows, const T* a_t, T* out_row) {
+    constexpr int64_t L = Vec<T>::size();
+    const Geometry& g = g_;
+    const int64_t half = g.kw / 2;
+    int64_t terms = 0;
+    for (int64_t y = 0; y < rows_.count; ++y) {
+      const int64_t qi = p * g.H + rows_.query[y];
+      const T* w_row = w_rows(rows_.query[y]) + rows_.neighbor[y] * g.kw * g.W;
+      for (int64_t n = 0; n < g.kw; ++n, ++terms) {
+        const int64_t column = c + (half - n) * g.dw;
+        w_at_[terms] = w_row + n * g.W + column;
+        sources_[terms] = a_t + qi * g.D * g.W;
+        a_offset_[terms] = column;
+      }
+    }
+    for (int64_t d0 = 0; d0 < g.D; d0 += 8) {
+      T* dst = block_.data() + d0 * L;
+      const T* const* wa = w_at_.data();
+      const T* const* src = sources_.data();
+      const int64_t *ao = a_offset_.data(), shift = d0 * g.W;
+      switch (std::min<int64_t>(8, g.D - d0)) {
+        case 8: run_inverse_group<8>(wa, src, terms, ao, shift, g.W, dst, L); break;
+        case 7: run_inverse_group<7>(wa, src, terms, ao, shift, g.W, dst, L); break;
+        case 6: run_inverse_group<6>(wa, src, terms, ao, shift, g.W, dst, L); break;
+        case 5: run_inverse_group<5>(wa, src, terms, ao, shift, g.W, dst, L); break;
+        case 4: run_inverse_group<4>(wa, src, terms, ao, shift, g.W, dst, L); break;
+        case 3: run_inverse_group<3>(wa, src, terms, ao, shift, g.W, dst, L); break;
+        case 2: run_inverse_group<2>(wa, src, terms, ao, shift, g.W, dst, L); break;
+        default: run_inverse_group<1>(wa, src, terms, ao, shift, g.W, dst, L); break;
+      }
+    }
+    for (int64_t t = 0; t < L; ++t)
+      for (int64_t d = 0; d < g.D; ++d) out_row[(c + t) * g.D + d] = block_[d * L + t];
+  }
+
+  const Geometry& g_;
+  const std::vector<int64_t>& row_starts_;
+  const std::vector<int64_t>& col_starts_;
+  const bool band_;
+  InverseAxis rows_, cols_;
+  std::vector<T> weights_, block_;
+  std::vector<const T*> sources_, w_at_;
+  std::vector<int64_t> a_offset_;
+  BandScratch<T> scratch_;
+};
+
+// The inverse sums of whole maps: w [plane][row][K2][W]. Parallel over key rows.
 template <typename T>
 void inverse_sum(const T* w, const T* a, const T* a_t, const Geometry& g, T* out) {
-  constexpr int64_t L = Vec<T>::size();
   const std::vector<int64_t> row_starts = window_starts(g.H, g.kh, g.dh);
   const std::vector<int64_t> col_starts = window_starts(g.W, g.kw, g.dw);
-  const int64_t K2 = g.window(), half = g.kw / 2;
+  const int64_t map_row = g.window() * g.W;
   at::parallel_for(0, g.planes * g.H, g.row_grain(), [&](int64_t begin, int64_t end) {
-    InverseAxis rows(g.kh), cols(g.kw);
-    const int64_t max_terms = 4 * K2;
-    std::vector<T> weights(max_terms), block(g.D * L);
-    std::vector<const T*> sources(max_terms);
-    std::vector<int64_t> w_offset(max_terms), a_offset(max_terms);
+    InverseRows<T> inverse(g, row_starts, col_starts);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t p = task / g.H, r = task % g.H;
-      rows.fill(r, g.H, g.kh, g.dh, row_starts);
-      T* out_row = out + (p * g.H + r) * g.W * g.D;
-      int64_t c = 0;
-      while (c < g.W) {
-        if (c + L <= g.W && axis_run_is_interior(c, L, g.W, 2 * g.kw + 1, g.dw)) {
-          // terms (query row y, neighbor n): weights w[qi][m*kw + n][c + (half - n) dw + t]
-          int64_t terms = 0;
-          for (int64_t y = 0; y < rows.count; ++y) {
-            const int64_t qi = p * g.H + rows.query[y];
-            for (int64_t n = 0; n < g.kw; ++n, ++terms) {
-              const int64_t column = c + (half - n) * g.dw;
-              w_offset[terms] = (qi * K2 + rows.neighbor[y] * g.kw + n) * g.W + column;
-              sources[terms] = a_t + qi * g.D * g.W;
-              a_offset[terms] = column;
-            }
-          }
-          for (int64_t d0 = 0; d0 < g.D; d0 += 8) {
-            T* dst = block.data() + d0 * L;
-            const T* const* src = sources.data();
-            const int64_t *wo = w_offset.data(), *ao = a_offset.data(), shift = d0 * g.W;
-            switch (std::min<int64_t>(8, g.D - d0)) {
-              case 8: run_inverse_group<8>(w, src, terms, wo, ao, shift, g.W, dst, L); break;
-              case 7: run_inverse_group<7>(w, src, terms, wo, ao, shift, g.W, dst, L); break;
-              case 6: run_inverse_group<6>(w, src, terms, wo, ao, shift, g.W, dst, L); break;
-              case 5: run_inverse_group<5>(w, src, terms, wo, ao, shift, g.W, dst, L); break;
-              case 4: run_inverse_group<4>(w, src, terms, wo, ao, shift, g.W, dst, L); break;
-              case 3: run_inverse_group<3>(w, src, terms, wo, ao, shift, g.W, dst, L); break;
-              case 2: run_inverse_group<2>(w, src, terms, wo, ao, shift, g.W, dst, L); break;
-              default: run_inverse_group<1>(w, src, terms, wo, ao, shift, g.W, dst, L); break;
-            }
-          }
-          for (int64_t t = 0; t < L; ++t)
-            for (int64_t d = 0; d < g.D; ++d) out_row[(c + t) * g.D + d] = block[d * L + t];
-          c += L;
-          continue;
-        }
-        cols.fill(c, g.W, g.kw, g.dw, col_starts);
-        int64_t terms = 0;
-        for (int64_t y = 0; y < rows.count; ++y) {
-          const int64_t qi = p * g.H + rows.query[y];
-          const T* w_row = w + (qi * K2 + rows.neighbor[y] * g.kw) * g.W;
-          for (int64_t x = 0; x < cols.count; ++x, ++terms) {
-            weights[terms] = w_row[cols.neighbor[x] * g.W + cols.query[x]];
-            sources[terms] = a + (qi * g.W + cols.query[x]) * g.D;
-          }
-        }
-        weighted_sum(weights.data(), sources.data(), terms, g.D, out_row + c * g.D);
-        ++c;
-      }
+      const int64_t p = task / g.H;
+      const T* w_plane = w + p * g.H * map_row;
+      inverse.row(p, task % g.H, [&](int64_t y) { return w_plane + y * map_row; }, a, a_t,
+                  out + task * g.W * g.D);
     }
   });
 }
@@ -610,16 +800,23 @@ void for_each_query_row(const Geometry& g, F&& body) {
   });
 }
 
-// Calls run(j0) for each interior run of Vec<T>::size() queries of a row, query(j) for
-// every other query (border queries, and rows too narrow for a run).
+// Calls run(j0, repeated) for interior runs of Vec<T>::size() queries of a row, query(j) for
+// every other query (border queries, and rows too narrow for a run). The interior queries
+// left over after the last whole run are covered by one more run that ends at the last
+// interior query and overlaps its predecessor: its first `repeated` lanes are queries
+// already done (the same values are written again; sums over queries must skip them).
 template <typename T, typename RunFn, typename QueryFn>
 void walk_row(const Geometry& g, RunFn&& run, QueryFn&& query) {
   constexpr int64_t L = Vec<T>::size();
+  const int64_t reach = (g.kw / 2) * g.dw, last_start = g.W - reach - L;
   int64_t j = 0;
   while (j < g.W) {
-    if (j + L <= g.W && axis_run_is_interior(j, L, g.W, g.kw, g.dw)) {
-      run(j);
+    if (j >= reach && j <= last_start) {
+      run(j, int64_t{0});
       j += L;
+    } else if (j > reach && j < g.W - reach && last_start >= reach) {
+      run(last_start, j - last_start);
+      j = last_start + L;
     } else {
       query(j);
       ++j;
@@ -651,6 +848,163 @@ const T* optional_data(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;
 }
 
+// ------------------------------------------------------------------ fused backward
+// Everything the query side of the fused backward reads, and where it writes grad_q and
+// the rpb bins.
+template <typename T>
+struct BackwardInputs {
+  const Geometry& g;
+  const ColumnOrder& order;
+  const ColumnMajor<T> qt, kt, vt, got;
+  const T *qp, *kp, *gop, *outp, *lp, *bp;
+  T *gqp, *bins;
+  const T scale;
+  const bool band;
+
+  BackwardInputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                 const at::Tensor& go, const at::Tensor& o, const at::Tensor& lse,
+                 const at::Tensor& bias, const ColumnOrder& order_, const Geometry& g_,
+                 double scale_, at::Tensor& grad_q, at::Tensor& partial)
+      : g(g_), order(order_), qt(q, g_, order_), kt(k, g_, order_), vt(v, g_, order_),
+        got(go, g_, order_), qp(q.data_ptr<T>()), kp(k.data_ptr<T>()), gop(go.data_ptr<T>()),
+        outp(o.data_ptr<T>()), lp(lse.data_ptr<T>()), bp(optional_data<T>(bias)),
+        gqp(grad_q.data_ptr<T>()), bins(partial.data_ptr<T>()),
+        scale(static_cast<T>(scale_)), band(band_supported<T>(g_)) {}
+};
+
+// The query side of one row, with its per-thread buffers: the probabilities p and the
+// scaled logit gradients ds = scale * p * (dp - grad_out . out) of every query into
+// neighbor-major map rows [K2][W]; for a row it owns, also grad_q and the rpb bins.
+template <typename T>
+class BackwardQueryRows {
+ public:
+  explicit BackwardQueryRows(const BackwardInputs<T>& in)
+      : in_(in), K2_(in.g.window()), p_(K2_ + L), dp_(K2_ + L), run_p_(K2_ * L),
+        run_dp_(K2_ * L), run_bias_row_(K2_), delta_(L), run_bins_(K2_ * L),
+        neighbors_(K2_), scratch_(in.g.kh) {}
+
+  void row(int64_t plane, int64_t row, T* p_map, T* ds_map, bool own) {
+    const Geometry& g = in_.g;
+    const QueryRow qr{plane, row, axis_window(row, g.H, g.kh, g.dh)};
+    const T* rpb_head = in_.bp ? in_.bp + (plane % g.heads) * g.bias_bins() : nullptr;
+    if (rpb_head) run_bias(rpb_head, qr.rw, g, run_bias_row_.data());
+    // rpb gradient of the row's runs: every run of a row puts neighbor n in the same bias
+    // bin, so ds is summed lane-wise over the runs and reduced across lanes once per row.
+    std::fill(run_bins_.begin(), run_bins_.end(), T(0));
+    bool any_run = false;
+    const int64_t row_task = plane * g.H + row, row_q0 = row_task * g.W;
+    T* row_bins = in_.bins + row_task * g.bias_bins();
+    walk_row<T>(g, [&](int64_t j0, int64_t repeated) {
+      run(qr, j0, repeated, rpb_head, p_map, ds_map, own);
+      any_run = true;
+    }, [&](int64_t j) {
+      const AxisWindow cw = axis_window(j, g.W, g.kw, g.dw);
+      const int64_t base = in_.order.window_base(cw), q_index = row_q0 + j;
+      const T* go = in_.gop + q_index * g.D;
+      // p = exp(logits - lse), recomputed.
+      window_scores(in_.qp + q_index * g.D, in_.kt.grouped_plane(plane, g), qr.rw, base, g,
+                    p_.data());
+      scale_in_place(p_.data(), K2_, in_.scale);
+      if (rpb_head) add_bias(p_.data(), rpb_head, qr.rw, cw, g);
+      exp_shifted(p_.data(), K2_, in_.lp[q_index]);
+      // dp = grad_out . v[neighbor];  ds = p * (dp - grad_out . out)
+      window_scores(go, in_.vt.grouped_plane(plane, g), qr.rw, base, g, dp_.data());
+      const T d = dot(go, in_.outp + q_index * g.D, g.D);
+      T* ds = dp_.data();
+      for (int64_t n = 0; n < K2_; ++n) ds[n] = p_[n] * (dp_[n] - d);
+      if (own) accumulate_bias_grad(ds, qr.rw, cw, g, row_bins);
+      for (int64_t n = 0; n < K2_; ++n) {
+        ds[n] *= in_.scale;
+        p_map[n * g.W + j] = p_[n];
+        ds_map[n * g.W + j] = ds[n];
+      }
+      if (own) grad_query(qr, j, ds, 1);
+    });
+    if (own && any_run) {
+      using V = Vec<T>;
+      const int64_t half = g.kw / 2, bias_width = 2 * g.kw - 1;
+      for (int64_t n = 0; n < K2_; ++n) {
+        const int64_t m = n / g.kw, c = n % g.kw;
+        row_bins[qr.rw.bias(m, g.kh) * bias_width + c + half] += at::vec::vec_reduce_all<T>(
+            [](V& a, V& b) { return a + b; }, V::loadu(run_bins_.data() + n * L));
+      }
+    }
+  }
+
+ private:
+  static constexpr int64_t L = Vec<T>::size();
+
+  // One interior run of queries j0 .. j0 + L - 1, vectorized over the run; its first
+  // `repeated` lanes were done by the previous run (see walk_row).
+  void run(const QueryRow& qr, int64_t j0, int64_t repeated, const T* rpb_head, T* p_map,
+           T* ds_map, bool own) {
+    using V = Vec<T>;
+    const Geometry& g = in_.g;
+    const int64_t row_q0 = (qr.plane * g.H + qr.row) * g.W;
+    run_scores(in_.qt.natural_row(qr.plane, qr.row, g), in_.kt.natural_plane(qr.plane, g),
+               qr.rw, j0, g, run_p_.data());
+    run_probabilities(run_p_.data(), K2_, rpb_head ? run_bias_row_.data() : nullptr,
+                      in_.scale, in_.lp + row_q0 + j0);
+    run_scores(in_.got.natural_row(qr.plane, qr.row, g), in_.vt.natural_plane(qr.plane, g),
+               qr.rw, j0, g, run_dp_.data());
+    for (int64_t t = 0; t < L; ++t) {
+      const int64_t q_index = row_q0 + j0 + t;
+      delta_[t] = dot(in_.gop + q_index * g.D, in_.outp + q_index * g.D, g.D);
+    }
+    const V vdelta = V::loadu(delta_.data()), vscale(in_.scale);
+    for (int64_t n = 0; n < K2_; ++n) {  // ds = p * (dp - delta): bins; scaled: the rest
+      const V pn = V::loadu(run_p_.data() + n * L);
+      const V ds = pn * (V::loadu(run_dp_.data() + n * L) - vdelta);
+      if (own) {
+        const V fresh = repeated ? V::set(ds, V(T(0)), repeated) : ds;
+        (V::loadu(run_bins_.data() + n * L) + fresh).store(run_bins_.data() + n * L);
+      }
+      const V scaled = ds * vscale;
+      scaled.store(run_dp_.data() + n * L);
+      pn.store(p_map + n * g.W + j0);
+      scaled.store(ds_map + n * g.W + j0);
+    }
+    if (!own) return;
+    if (in_.band) {
+      const T* k_plane = in_.kp + qr.plane * g.H * g.W * g.D;
+      band_run(query_band(run_dp_.data(), g.kw * L, 1, L, k_plane, qr.rw, j0, g, scratch_), g,
+               in_.gqp + (row_q0 + j0) * g.D, scratch_);
+    } else {
+      for (int64_t t = 0; t < L; ++t) grad_query(qr, j0 + t, run_dp_.data() + t, L);
+    }
+  }
+
+  // grad_q[q] = sum_n ds[n * stride] k[neighbor n of query j]  (ds carries the scale)
+  void grad_query(const QueryRow& qr, int64_t j, const T* ds, int64_t stride) {
+    const Geometry& g = in_.g;
+    const T* k_plane = in_.kp + qr.plane * g.H * g.W * g.D;
+    neighbor_rows(k_plane, qr.rw, axis_window(j, g.W, g.kw, g.dw), g, neighbors_.data());
+    weighted_sum(ds, neighbors_.data(), K2_, g.D,
+                 in_.gqp + ((qr.plane * g.H + qr.row) * g.W + j) * g.D, stride);
+  }
+
+  const BackwardInputs<T>& in_;
+  const int64_t K2_;
+  std::vector<T> p_, dp_, run_p_, run_dp_, run_bias_row_, delta_, run_bins_;
+  std::vector<const T*> neighbors_;
+  BandScratch<T> scratch_;
+};
+
+// The fused backward's parallel work: (plane, row residue) units, each split into
+// per_unit segments of consecutive sub-grid rows when there are fewer units than threads
+// (a segment recomputes the maps of up to 2(k-1) halo rows, so segments stay >= 4k rows).
+struct BackwardSegments {
+  int64_t units, per_unit, grain;
+  explicit BackwardSegments(const Geometry& g) : units(g.planes * g.dh), per_unit(1) {
+    const int64_t threads = at::get_num_threads();
+    const int64_t most = std::max<int64_t>(1, g.H / g.dh / (4 * g.kh));
+    while (per_unit < most && (units * per_unit) % threads != 0 && units * per_unit < 4 * threads)
+      ++per_unit;
+    const int64_t work = std::max<int64_t>(1, g.H / g.dh / per_unit * g.W * g.window() * g.D);
+    grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / work);
+  }
+};
+
 }  // namespace
 
 // ================================================================== ops
@@ -677,7 +1031,7 @@ at::Tensor na2d_qk_cpu(const at::Tensor& query, const at::Tensor& key,
       const T* rpb_head = bp ? bp + (qr.plane % g.heads) * g.bias_bins() : nullptr;
       if (rpb_head) run_bias(rpb_head, qr.rw, g, run_bias_row.data());
       const int64_t row_q0 = (qr.plane * g.H + qr.row) * g.W;
-      walk_row<T>(g, [&](int64_t j0) {
+      walk_row<T>(g, [&](int64_t j0, int64_t /*repeated*/) {
         run_scores(qt.natural_row(qr.plane, qr.row, g), kt.natural_plane(qr.plane, g), qr.rw, j0,
                    g, run.data());
         T* dst = out + (row_q0 + j0) * K2;
@@ -785,9 +1139,11 @@ std::tuple<at::Tensor, at::Tensor> na2d_fused_cpu(const at::Tensor& query,
     T *op = out.data_ptr<T>(), *lp = lse.data_ptr<T>();
     const T s = static_cast<T>(scale);
     const int64_t K2 = g.window();
+    const bool band = band_supported<T>(g);
     for_each_query_row(g, [&](const QueryRow& qr) {
       std::vector<T> probs(K2 + L), run(K2 * L), run_bias_row(K2);
       std::vector<const T*> neighbors(K2);
+      BandScratch<T> scratch(g.kh);
       const T* rpb_head = bp ? bp + (qr.plane % g.heads) * g.bias_bins() : nullptr;
       if (rpb_head) run_bias(rpb_head, qr.rw, g, run_bias_row.data());
       const T* v_plane = vp + qr.plane * g.H * g.W * g.D;
@@ -797,12 +1153,17 @@ std::tuple<at::Tensor, at::Tensor> na2d_fused_cpu(const at::Tensor& query,
         neighbor_rows(v_plane, qr.rw, axis_window(j, g.W, g.kw, g.dw), g, neighbors.data());
         weighted_sum(p, neighbors.data(), K2, g.D, op + (row_q0 + j) * g.D, stride);
       };
-      walk_row<T>(g, [&](int64_t j0) {
+      walk_row<T>(g, [&](int64_t j0, int64_t /*repeated*/) {
         run_scores(qt.natural_row(qr.plane, qr.row, g), kt.natural_plane(qr.plane, g), qr.rw, j0,
                    g, run.data());
         run_softmax(run.data(), K2, rpb_head ? run_bias_row.data() : nullptr, s,
                     lp + row_q0 + j0);
-        for (int64_t t = 0; t < L; ++t) attend(j0 + t, run.data() + t, L);
+        if (band) {
+          band_run(query_band(run.data(), g.kw * L, 1, L, v_plane, qr.rw, j0, g, scratch), g,
+                   op + (row_q0 + j0) * g.D, scratch);
+        } else {
+          for (int64_t t = 0; t < L; ++t) attend(j0 + t, run.data() + t, L);
+        }
       }, [&](int64_t j) {
         const AxisWindow cw = axis_window(j, g.W, g.kw, g.dw);
         window_scores(qp + (row_q0 + j) * g.D, kt.grouped_plane(qr.plane, g), qr.rw,
@@ -834,110 +1195,56 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_fused_backward_c
   const at::Tensor go = as_compute(grad_out), o = as_compute(out);
   const at::Tensor l = lse.to(q.scalar_type()).contiguous();
   const at::Tensor bias = rpb.has_value() ? as_compute(*rpb) : at::Tensor();
-  // Probabilities and logit gradients of every query (neighbor-major), for the key side.
-  at::Tensor probs = scratch_empty({g.planes * g.H, g.window(), g.W}, q.options());
-  at::Tensor grad_logits = scratch_empty({g.planes * g.H, g.window(), g.W}, q.options());
   at::Tensor grad_q = scratch_empty(q.sizes(), q.options());
+  at::Tensor grad_k = scratch_empty(q.sizes(), q.options());
+  at::Tensor grad_v = scratch_empty(q.sizes(), q.options());
   at::Tensor partial = at::zeros({g.planes * g.H, g.bias_bins()}, q.options());
   const ColumnOrder order(g.W, g.dw);
-  at::Tensor qt_natural, got_natural;  // reused by the key-side pass
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "nat_mm_na2d_fused_backward_cpu", [&] {
     using T = scalar_t;
-    constexpr int64_t L = Vec<T>::size();
-    const ColumnMajor<T> qt(q, g, order), kt(k, g, order), vt(v, g, order), got(go, g, order);
-    qt_natural = qt.natural;
-    got_natural = got.natural;
-    const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *gop = go.data_ptr<T>();
-    const T *outp = o.data_ptr<T>(), *lp = l.data_ptr<T>(), *bp = optional_data<T>(bias);
-    T *pp = probs.data_ptr<T>(), *gsp = grad_logits.data_ptr<T>(), *gqp = grad_q.data_ptr<T>();
-    T* bins = partial.data_ptr<T>();
-    const T s = static_cast<T>(scale);
-    const int64_t K2 = g.window(), half = g.kw / 2, bias_width = 2 * g.kw - 1;
-    for_each_query_row(g, [&](const QueryRow& qr) {
-      std::vector<T> p(K2 + L), dp(K2 + L), run_p(K2 * L), run_dp(K2 * L), run_bias_row(K2);
-      std::vector<T> delta(L);
-      // rpb gradient of the row's runs: every run of a row puts neighbor n in the same bias
-      // bin, so ds is summed lane-wise over the runs and reduced across lanes once per row.
-      std::vector<T> run_bins(K2 * L, T(0));
-      bool any_run = false;
-      std::vector<const T*> neighbors(K2);
-      const T* rpb_head = bp ? bp + (qr.plane % g.heads) * g.bias_bins() : nullptr;
-      if (rpb_head) run_bias(rpb_head, qr.rw, g, run_bias_row.data());
-      const T* k_plane = kp + qr.plane * g.H * g.W * g.D;
-      const int64_t row_task = qr.plane * g.H + qr.row, row_q0 = row_task * g.W;
-      T* row_bins = bins + row_task * g.bias_bins();
-      // grad_q[q] = scale * sum_n ds[n * stride] k[neighbor n of query j]
-      auto grad_query = [&](int64_t j, const T* ds, int64_t stride) {
-        neighbor_rows(k_plane, qr.rw, axis_window(j, g.W, g.kw, g.dw), g, neighbors.data());
-        T* gq = gqp + (row_q0 + j) * g.D;
-        weighted_sum(ds, neighbors.data(), K2, g.D, gq, stride);
-        scale_in_place(gq, g.D, s);
-      };
-      walk_row<T>(g, [&](int64_t j0) {
-        using V = Vec<T>;
-        run_scores(qt.natural_row(qr.plane, qr.row, g), kt.natural_plane(qr.plane, g), qr.rw, j0,
-                   g, run_p.data());
-        run_probabilities(run_p.data(), K2, rpb_head ? run_bias_row.data() : nullptr, s,
-                          lp + row_q0 + j0);
-        run_scores(got.natural_row(qr.plane, qr.row, g), vt.natural_plane(qr.plane, g), qr.rw, j0,
-                   g, run_dp.data());
-        for (int64_t t = 0; t < L; ++t) {
-          const int64_t q_index = row_q0 + j0 + t;
-          delta[t] = dot(gop + q_index * g.D, outp + q_index * g.D, g.D);
-        }
-        const V vdelta = V::loadu(delta.data());
-        any_run = true;
-        for (int64_t n = 0; n < K2; ++n) {  // ds = p * (dp - delta), into run_dp and the maps
-          const V pn = V::loadu(run_p.data() + n * L);
-          const V ds = pn * (V::loadu(run_dp.data() + n * L) - vdelta);
-          ds.store(run_dp.data() + n * L);
-          pn.store(pp + (row_task * K2 + n) * g.W + j0);
-          ds.store(gsp + (row_task * K2 + n) * g.W + j0);
-          (V::loadu(run_bins.data() + n * L) + ds).store(run_bins.data() + n * L);
-        }
-        for (int64_t t = 0; t < L; ++t) grad_query(j0 + t, run_dp.data() + t, L);
-      }, [&](int64_t j) {
-        const AxisWindow cw = axis_window(j, g.W, g.kw, g.dw);
-        const int64_t base = order.window_base(cw);
-        const int64_t q_index = row_q0 + j;
-        const T* gq_in = gop + q_index * g.D;
-        // p = exp(logits - lse), recomputed.
-        window_scores(qp + q_index * g.D, kt.grouped_plane(qr.plane, g), qr.rw, base, g, p.data());
-        scale_in_place(p.data(), K2, s);
-        if (rpb_head) add_bias(p.data(), rpb_head, qr.rw, cw, g);
-        exp_shifted(p.data(), K2, lp[q_index]);
-        // dp = grad_out . v[neighbor];  grad_logits = p * (dp - grad_out . out)
-        window_scores(gq_in, vt.grouped_plane(qr.plane, g), qr.rw, base, g, dp.data());
-        const T d = dot(gq_in, outp + q_index * g.D, g.D);
-        T* ds = dp.data();
-        for (int64_t n = 0; n < K2; ++n) {
-          ds[n] = p[n] * (dp[n] - d);
-          pp[(row_task * K2 + n) * g.W + j] = p[n];
-          gsp[(row_task * K2 + n) * g.W + j] = ds[n];
-        }
-        accumulate_bias_grad(ds, qr.rw, cw, g, row_bins);
-        grad_query(j, ds, 1);
-      });
-      if (any_run) {
-        using V = Vec<T>;
-        for (int64_t n = 0; n < K2; ++n) {
-          const int64_t m = n / g.kw, c = n % g.kw;
-          row_bins[qr.rw.bias(m, g.kh) * bias_width + c + half] += at::vec::vec_reduce_all<T>(
-              [](V& a, V& b) { return a + b; }, V::loadu(run_bins.data() + n * L));
+    const BackwardInputs<T> in(q, k, v, go, o, l, bias, order, g, scale, grad_q, partial);
+    const std::vector<int64_t> row_starts = window_starts(g.H, g.kh, g.dh);
+    const std::vector<int64_t> col_starts = window_starts(g.W, g.kw, g.dw);
+    const T *qp = q.data_ptr<T>(), *gop = go.data_ptr<T>();
+    const T *qt = in.qt.natural.data_ptr<T>(), *got = in.got.natural.data_ptr<T>();
+    T *gkp = grad_k.data_ptr<T>(), *gvp = grad_v.data_ptr<T>();
+    const BackwardSegments seg(g);
+    // The maps of the last `ring` query rows of a unit: every key row is summed as soon as
+    // the last query row that sees it is done, while the rows it needs are still in cache.
+    const int64_t ring = std::min<int64_t>(2 * g.kh - 1, (g.H + g.dh - 1) / g.dh);
+    const int64_t map_row = g.window() * g.W;
+    at::parallel_for(0, seg.units * seg.per_unit, seg.grain, [&](int64_t begin, int64_t end) {
+      BackwardQueryRows<T> queries(in);
+      InverseRows<T> inverse(g, row_starts, col_starts);
+      std::vector<T> probs(ring * map_row), grad_logits(ring * map_row);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t plane = task / seg.per_unit / g.dh, residue = task / seg.per_unit % g.dh;
+        const int64_t part = task % seg.per_unit;
+        const int64_t sub_len = subgrid_length(g.H, g.dh, residue);
+        const int64_t s0 = part * sub_len / seg.per_unit, s1 = (part + 1) * sub_len / seg.per_unit;
+        if (s0 == s1) continue;
+        auto slot = [&](int64_t row) { return (row / g.dh) % ring * map_row; };
+        auto inverse_range = [&](int64_t sub) {
+          return axis_inverse(sub * g.dh + residue, g.H, g.kh, g.dh);
+        };
+        // Query rows [first, last] see the key rows [s0, s1); rows outside [s0, s1) are halo:
+        // their maps only (their grad_q and rpb bins belong to the neighbouring segment).
+        int64_t key = s0;
+        for (int64_t i = inverse_range(s0).first; i <= inverse_range(s1 - 1).last; ++i) {
+          const int64_t row = i * g.dh + residue;
+          queries.row(plane, row, probs.data() + slot(row), grad_logits.data() + slot(row),
+                      s0 <= i && i < s1);
+          for (; key < s1 && inverse_range(key).last <= i; ++key) {
+            const int64_t kr = key * g.dh + residue, offset = (plane * g.H + kr) * g.W * g.D;
+            inverse.row(plane, kr, [&](int64_t y) { return grad_logits.data() + slot(y); }, qp,
+                        qt, gkp + offset);
+            inverse.row(plane, kr, [&](int64_t y) { return probs.data() + slot(y); }, gop, got,
+                        gvp + offset);
+          }
         }
       }
     });
   });
-  at::Tensor grad_k = scratch_empty(q.sizes(), q.options());
-  at::Tensor grad_v = scratch_empty(q.sizes(), q.options());
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "nat_mm_na2d_fused_backward_cpu_keys", [&] {
-    using T = scalar_t;
-    inverse_sum(grad_logits.data_ptr<T>(), q.data_ptr<T>(), qt_natural.data_ptr<T>(), g,
-                grad_k.data_ptr<T>());
-    inverse_sum(probs.data_ptr<T>(), go.data_ptr<T>(), got_natural.data_ptr<T>(), g,
-                grad_v.data_ptr<T>());
-  });
-  grad_k.mul_(scale);
   const auto dtype = query.scalar_type();
   return {grad_q.to(dtype), grad_k.to(dtype), grad_v.to(dtype),
           reduce_bias_grad(partial, g).to(dtype)};
