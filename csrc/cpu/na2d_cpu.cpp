@@ -631,25 +631,28 @@ at::Tensor reduce_bias_grad(const at::Tensor& partial, const Geometry& g) {
 // Run buffers hold one vector per neighbor: buf[(m * kw + n) * L + t].
 
 template <int N, typename T>
-inline void run_dot_group(const T* a, const T* b, int64_t channel_stride, int64_t dilation,
-                          int64_t D, T* out) {
+inline void run_dot_group(const T* a, int64_t a_stride, const T* b, int64_t b_stride,
+                          int64_t dilation, int64_t D, T* out) {
   constexpr int64_t L = Vec<T>::size();
   Vec<T> acc[N];
   for (int i = 0; i < N; ++i) acc[i] = Vec<T>(T(0));
   for (int64_t ch = 0; ch < D; ++ch) {
-    const Vec<T> av = Vec<T>::loadu(a + ch * channel_stride);
-    const T* bc = b + ch * channel_stride;
+    const Vec<T> av = Vec<T>::loadu(a + ch * a_stride);
+    const T* bc = b + ch * b_stride;
     for (int i = 0; i < N; ++i) acc[i] = at::vec::fmadd(av, Vec<T>::loadu(bc + i * dilation), acc[i]);
   }
   for (int i = 0; i < N; ++i) acc[i].store(out + i * L);
 }
 
 // buf[(m*kw + n)*L + t] = a[query j0 + t] . b[key row m, column j0 + t + (n - kw/2) dw].
-// a_row: the query row of a, [C][W]; b_plane: the plane of b, [H][C][W].
+// a_row: the query row of a as it is, [W][C]: the run's queries are transposed into
+// a_block ([C][L], in cache) rather than the whole map; b_plane: the plane of b, [H][C][W].
 template <typename T>
 void run_scores(const T* a_row, const T* b_plane, const AxisWindow& rw, int64_t j0,
-                const Geometry& g, T* buf) {
+                const Geometry& g, T* a_block, T* buf) {
   constexpr int64_t L = Vec<T>::size();
+  at::vec::transpose_mxn<T>(a_row + j0 * g.D, g.D, a_block, L, static_cast<int>(L),
+                            static_cast<int>(g.D));
   const int64_t first_column = j0 - (g.kw / 2) * g.dw;
   for (int64_t m = 0; m < g.kh; ++m) {
     const T* b_row = b_plane + rw.key(m) * g.D * g.W + first_column;
@@ -657,14 +660,14 @@ void run_scores(const T* a_row, const T* b_plane, const AxisWindow& rw, int64_t 
       const T* b = b_row + n0 * g.dw;
       T* out = buf + (m * g.kw + n0) * L;
       switch (std::min<int64_t>(8, g.kw - n0)) {
-        case 8: run_dot_group<8>(a_row + j0, b, g.W, g.dw, g.D, out); break;
-        case 7: run_dot_group<7>(a_row + j0, b, g.W, g.dw, g.D, out); break;
-        case 6: run_dot_group<6>(a_row + j0, b, g.W, g.dw, g.D, out); break;
-        case 5: run_dot_group<5>(a_row + j0, b, g.W, g.dw, g.D, out); break;
-        case 4: run_dot_group<4>(a_row + j0, b, g.W, g.dw, g.D, out); break;
-        case 3: run_dot_group<3>(a_row + j0, b, g.W, g.dw, g.D, out); break;
-        case 2: run_dot_group<2>(a_row + j0, b, g.W, g.dw, g.D, out); break;
-        default: run_dot_group<1>(a_row + j0, b, g.W, g.dw, g.D, out); break;
+        case 8: run_dot_group<8>(a_block, L, b, g.W, g.dw, g.D, out); break;
+        case 7: run_dot_group<7>(a_block, L, b, g.W, g.dw, g.D, out); break;
+        case 6: run_dot_group<6>(a_block, L, b, g.W, g.dw, g.D, out); break;
+        case 5: run_dot_group<5>(a_block, L, b, g.W, g.dw, g.D, out); break;
+        case 4: run_dot_group<4>(a_block, L, b, g.W, g.dw, g.D, out); break;
+        case 3: run_dot_group<3>(a_block, L, b, g.W, g.dw, g.D, out); break;
+        case 2: run_dot_group<2>(a_block, L, b, g.W, g.dw, g.D, out); break;
+        default: run_dot_group<1>(a_block, L, b, g.W, g.dw, g.D, out); break;
       }
     }
   }
@@ -838,9 +841,6 @@ struct ColumnMajor {
   const T* grouped_plane(int64_t plane, const Geometry& g) const {
     return grouped.data_ptr<T>() + plane * g.H * g.D * g.W;
   }
-  const T* natural_row(int64_t plane, int64_t row, const Geometry& g) const {
-    return natural_plane(plane, g) + row * g.D * g.W;
-  }
 };
 
 template <typename T>
@@ -855,7 +855,7 @@ template <typename T>
 struct BackwardInputs {
   const Geometry& g;
   const ColumnOrder& order;
-  const ColumnMajor<T> qt, kt, vt, got;
+  const ColumnMajor<T> kt, vt;
   const T *qp, *kp, *gop, *outp, *lp, *bp;
   T *gqp, *bins;
   const T scale;
@@ -865,8 +865,7 @@ struct BackwardInputs {
                  const at::Tensor& go, const at::Tensor& o, const at::Tensor& lse,
                  const at::Tensor& bias, const ColumnOrder& order_, const Geometry& g_,
                  double scale_, at::Tensor& grad_q, at::Tensor& partial)
-      : g(g_), order(order_), qt(q, g_, order_), kt(k, g_, order_), vt(v, g_, order_),
-        got(go, g_, order_), qp(q.data_ptr<T>()), kp(k.data_ptr<T>()), gop(go.data_ptr<T>()),
+      : g(g_), order(order_), kt(k, g_, order_), vt(v, g_, order_), qp(q.data_ptr<T>()), kp(k.data_ptr<T>()), gop(go.data_ptr<T>()),
         outp(o.data_ptr<T>()), lp(lse.data_ptr<T>()), bp(optional_data<T>(bias)),
         gqp(grad_q.data_ptr<T>()), bins(partial.data_ptr<T>()),
         scale(static_cast<T>(scale_)), band(band_supported<T>(g_)) {}
@@ -880,7 +879,7 @@ class BackwardQueryRows {
  public:
   explicit BackwardQueryRows(const BackwardInputs<T>& in)
       : in_(in), K2_(in.g.window()), p_(K2_ + L), dp_(K2_ + L), run_p_(K2_ * L),
-        run_dp_(K2_ * L), run_bias_row_(K2_), delta_(L), run_bins_(K2_ * L),
+        run_dp_(K2_ * L), run_bias_row_(K2_), delta_(L), run_bins_(K2_ * L), a_block_(in.g.D * L),
         neighbors_(K2_), scratch_(in.g.kh) {}
 
   void row(int64_t plane, int64_t row, T* p_map, T* ds_map, bool own) {
@@ -941,12 +940,12 @@ class BackwardQueryRows {
     using V = Vec<T>;
     const Geometry& g = in_.g;
     const int64_t row_q0 = (qr.plane * g.H + qr.row) * g.W;
-    run_scores(in_.qt.natural_row(qr.plane, qr.row, g), in_.kt.natural_plane(qr.plane, g),
-               qr.rw, j0, g, run_p_.data());
+    run_scores(in_.qp + row_q0 * g.D, in_.kt.natural_plane(qr.plane, g), qr.rw, j0, g,
+               a_block_.data(), run_p_.data());
     run_probabilities(run_p_.data(), K2_, rpb_head ? run_bias_row_.data() : nullptr,
                       in_.scale, in_.lp + row_q0 + j0);
-    run_scores(in_.got.natural_row(qr.plane, qr.row, g), in_.vt.natural_plane(qr.plane, g),
-               qr.rw, j0, g, run_dp_.data());
+    run_scores(in_.gop + row_q0 * g.D, in_.vt.natural_plane(qr.plane, g), qr.rw, j0, g,
+               a_block_.data(), run_dp_.data());
     for (int64_t t = 0; t < L; ++t) {
       const int64_t q_index = row_q0 + j0 + t;
       delta_[t] = dot(in_.gop + q_index * g.D, in_.outp + q_index * g.D, g.D);
@@ -985,7 +984,7 @@ class BackwardQueryRows {
 
   const BackwardInputs<T>& in_;
   const int64_t K2_;
-  std::vector<T> p_, dp_, run_p_, run_dp_, run_bias_row_, delta_, run_bins_;
+  std::vector<T> p_, dp_, run_p_, run_dp_, run_bias_row_, delta_, run_bins_, a_block_;
   std::vector<const T*> neighbors_;
   BandScratch<T> scratch_;
 };
@@ -1022,18 +1021,18 @@ at::Tensor na2d_qk_cpu(const at::Tensor& query, const at::Tensor& key,
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "nat_mm_na2d_qk_cpu", [&] {
     using T = scalar_t;
     constexpr int64_t L = Vec<T>::size();
-    const ColumnMajor<T> qt(q, g, order), kt(k, g, order);
+    const ColumnMajor<T> kt(k, g, order);
     const T *qp = q.data_ptr<T>(), *bp = optional_data<T>(bias);
     T* out = attn.data_ptr<T>();
     const int64_t K2 = g.window();
     for_each_query_row(g, [&](const QueryRow& qr) {
-      std::vector<T> scores(K2 + L), run(K2 * L), run_bias_row(K2, T(0));
+      std::vector<T> scores(K2 + L), run(K2 * L), run_bias_row(K2, T(0)), a_block(g.D * L);
       const T* rpb_head = bp ? bp + (qr.plane % g.heads) * g.bias_bins() : nullptr;
       if (rpb_head) run_bias(rpb_head, qr.rw, g, run_bias_row.data());
       const int64_t row_q0 = (qr.plane * g.H + qr.row) * g.W;
       walk_row<T>(g, [&](int64_t j0, int64_t /*repeated*/) {
-        run_scores(qt.natural_row(qr.plane, qr.row, g), kt.natural_plane(qr.plane, g), qr.rw, j0,
-                   g, run.data());
+        run_scores(qp + row_q0 * g.D, kt.natural_plane(qr.plane, g), qr.rw, j0, g,
+                   a_block.data(), run.data());
         T* dst = out + (row_q0 + j0) * K2;
         for (int64_t n = 0; n < K2; ++n)
           for (int64_t t = 0; t < L; ++t) dst[t * K2 + n] = run[n * L + t] + run_bias_row[n];
@@ -1084,8 +1083,9 @@ at::Tensor na2d_inverse_cpu(const at::Tensor& weights, const at::Tensor& source,
   at::Tensor out = scratch_empty(a.sizes(), a.options());
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "nat_mm_na2d_inverse_cpu", [&] {
     using T = scalar_t;
-    const at::Tensor a_t = channels_by_column<T>(a, g, ColumnOrder(g.W, 1));
-    inverse_sum(w.data_ptr<T>(), a.data_ptr<T>(), a_t.data_ptr<T>(), g, out.data_ptr<T>());
+    const at::Tensor a_t =  // read by key runs without a band kernel only
+        band_supported<T>(g) ? at::Tensor() : channels_by_column<T>(a, g, ColumnOrder(g.W, 1));
+    inverse_sum(w.data_ptr<T>(), a.data_ptr<T>(), optional_data<T>(a_t), g, out.data_ptr<T>());
   });
   return out.to(source.scalar_type());
 }
@@ -1134,14 +1134,14 @@ std::tuple<at::Tensor, at::Tensor> na2d_fused_cpu(const at::Tensor& query,
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "nat_mm_na2d_fused_cpu", [&] {
     using T = scalar_t;
     constexpr int64_t L = Vec<T>::size();
-    const ColumnMajor<T> qt(q, g, order), kt(k, g, order);
+    const ColumnMajor<T> kt(k, g, order);
     const T *qp = q.data_ptr<T>(), *vp = v.data_ptr<T>(), *bp = optional_data<T>(bias);
     T *op = out.data_ptr<T>(), *lp = lse.data_ptr<T>();
     const T s = static_cast<T>(scale);
     const int64_t K2 = g.window();
     const bool band = band_supported<T>(g);
     for_each_query_row(g, [&](const QueryRow& qr) {
-      std::vector<T> probs(K2 + L), run(K2 * L), run_bias_row(K2);
+      std::vector<T> probs(K2 + L), run(K2 * L), run_bias_row(K2), a_block(g.D * L);
       std::vector<const T*> neighbors(K2);
       BandScratch<T> scratch(g.kh);
       const T* rpb_head = bp ? bp + (qr.plane % g.heads) * g.bias_bins() : nullptr;
@@ -1154,8 +1154,8 @@ std::tuple<at::Tensor, at::Tensor> na2d_fused_cpu(const at::Tensor& query,
         weighted_sum(p, neighbors.data(), K2, g.D, op + (row_q0 + j) * g.D, stride);
       };
       walk_row<T>(g, [&](int64_t j0, int64_t /*repeated*/) {
-        run_scores(qt.natural_row(qr.plane, qr.row, g), kt.natural_plane(qr.plane, g), qr.rw, j0,
-                   g, run.data());
+        run_scores(qp + row_q0 * g.D, kt.natural_plane(qr.plane, g), qr.rw, j0, g,
+                   a_block.data(), run.data());
         run_softmax(run.data(), K2, rpb_head ? run_bias_row.data() : nullptr, s,
                     lp + row_q0 + j0);
         if (band) {
@@ -1206,7 +1206,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_fused_backward_c
     const std::vector<int64_t> row_starts = window_starts(g.H, g.kh, g.dh);
     const std::vector<int64_t> col_starts = window_starts(g.W, g.kw, g.dw);
     const T *qp = q.data_ptr<T>(), *gop = go.data_ptr<T>();
-    const T *qt = in.qt.natural.data_ptr<T>(), *got = in.got.natural.data_ptr<T>();
+    // [row][C][col] copies of q and grad_out for key runs without a band kernel
+    const ColumnOrder natural(g.W, 1);
+    const at::Tensor q_t = in.band ? at::Tensor() : channels_by_column<T>(q, g, natural);
+    const at::Tensor go_t = in.band ? at::Tensor() : channels_by_column<T>(go, g, natural);
+    const T *qt = optional_data<T>(q_t), *got = optional_data<T>(go_t);
     T *gkp = grad_k.data_ptr<T>(), *gvp = grad_v.data_ptr<T>();
     const BackwardSegments seg(g);
     // The maps of the last `ring` query rows of a unit: every key row is summed as soon as
