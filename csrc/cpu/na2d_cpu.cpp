@@ -24,7 +24,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <limits>
 #include <vector>
 
@@ -353,7 +352,6 @@ void band_channels(const T* const* w, const T* const* s, const BandRows& b, int6
 // channels that are no whole number of vectors, take the per-output paths.
 template <typename T>
 bool band_supported(const Geometry& g) {
-  if (std::getenv("NAT_MM_NO_BAND")) return false;  // TEMP A/B
   return g.dw == 1 && g.kw <= 13 && g.D % Vec<T>::size() == 0;
 }
 
@@ -403,7 +401,9 @@ void neighbor_rows(const T* plane, const AxisWindow& rw, const AxisWindow& cw,
                    const Geometry& g, const T** out) {
   for (int64_t m = 0; m < g.kh; ++m) {
     const T* row = plane + rw.key(m) * g.W * g.D;
-    for (int64_t n = 0; n < g.kw; ++n) out[m * g.kw + n] = row + cw.key(n) * g.D;
+    const T* first = row + cw.key(0) * g.D;
+    const int64_t step = g.dw * g.D;
+    for (int64_t n = 0; n < g.kw; ++n) out[m * g.kw + n] = first + n * step;
   }
 }
 
@@ -461,8 +461,8 @@ class InverseRows {
               const std::vector<int64_t>& col_starts)
       : g_(g), row_starts_(row_starts), col_starts_(col_starts), band_(band_supported<T>(g)),
         rows_(g.kh), cols_(g.kw), weights_(4 * g.window()), block_(g.D * Vec<T>::size()),
-        sources_(4 * g.window()), w_at_(4 * g.window()), a_offset_(4 * g.window()),
-        scratch_(g.kh) {}
+        sources_(4 * g.window()), w_at_(4 * g.window()), w_row_(2 * g.kh),
+        a_offset_(4 * g.window()), scratch_(g.kh) {}
 
   template <typename WeightRows>
   void row(int64_t p, int64_t r, WeightRows&& w_rows, const T* a, const T* a_t, T* out_row) {
@@ -470,6 +470,8 @@ class InverseRows {
     const Geometry& g = g_;
     const int64_t half = g.kw / 2;
     rows_.fill(r, g.H, g.kh, g.dh, row_starts_);
+    for (int64_t y = 0; y < rows_.count; ++y)  // the weights of query row y, window row m
+      w_row_[y] = w_rows(rows_.query[y]) + rows_.neighbor[y] * g.kw * g.W;
     // Keys in [kw, W - 1 - kw] are seen by unclamped queries only (one per neighbor): bands
     // of X of them, the last one overlapping its predecessor (it rewrites equal values).
     constexpr int64_t X = band_outputs<T>();
@@ -479,7 +481,7 @@ class InverseRows {
       for (int64_t y = 0; y < rows_.count; ++y) {
         const int64_t qi = p * g.H + rows_.query[y];
         scratch_.row_w[y] =
-            w_rows(rows_.query[y]) + (rows_.neighbor[y] * g.kw + g.kw - 1) * g.W + c - half;
+            w_row_[y] + (g.kw - 1) * g.W + c - half;
         scratch_.row_s[y] = a + (qi * g.W + c - half) * g.D;
       }
       band_run(BandRows{rows_.count, 1, 1 - g.W, g.D}, g, out_row + c * g.D, scratch_, X);
@@ -497,7 +499,7 @@ class InverseRows {
         continue;
       }
       if (!band_ && c + L <= g.W && axis_run_is_interior(c, L, g.W, 2 * g.kw + 1, g.dw)) {
-        key_run(p, c, w_rows, a_t, out_row);
+        key_run(p, c, a_t, out_row);
         c += L;
         continue;
       }
@@ -505,7 +507,7 @@ class InverseRows {
       int64_t terms = 0;
       for (int64_t y = 0; y < rows_.count; ++y) {
         const int64_t qi = p * g.H + rows_.query[y];
-        const T* w_row = w_rows(rows_.query[y]) + rows_.neighbor[y] * g.kw * g.W;
+        const T* w_row = w_row_[y];
         for (int64_t x = 0; x < cols_.count; ++x, ++terms) {
           weights_[terms] = w_row[cols_.neighbor[x] * g.W + cols_.query[x]];
           sources_[terms] = a + (qi * g.W + cols_.query[x]) * g.D;
@@ -519,15 +521,14 @@ class InverseRows {
  private:
   // A key run without a band kernel, vectorized over its keys: every query that sees key
   // c + t has an unclamped window, so it is neighbor n of query column c + t + (half - n) dw.
-  template <typename WeightRows>
-  void key_run(int64_t p, int64_t c, WeightRows&& w_rows, const T* a_t, T* out_row) {
+  void key_run(int64_t p, int64_t c, const T* a_t, T* out_row) {
     constexpr int64_t L = Vec<T>::size();
     const Geometry& g = g_;
     const int64_t half = g.kw / 2;
     int64_t terms = 0;
     for (int64_t y = 0; y < rows_.count; ++y) {
       const int64_t qi = p * g.H + rows_.query[y];
-      const T* w_row = w_rows(rows_.query[y]) + rows_.neighbor[y] * g.kw * g.W;
+      const T* w_row = w_row_[y];
       for (int64_t n = 0; n < g.kw; ++n, ++terms) {
         const int64_t column = c + (half - n) * g.dw;
         w_at_[terms] = w_row + n * g.W + column;
@@ -561,7 +562,7 @@ class InverseRows {
   const bool band_;
   InverseAxis rows_, cols_;
   std::vector<T> weights_, block_;
-  std::vector<const T*> sources_, w_at_;
+  std::vector<const T*> sources_, w_at_, w_row_;
   std::vector<int64_t> a_offset_;
   BandScratch<T> scratch_;
 };

@@ -36,4 +36,8 @@ def na2d(query: Tensor, key: Tensor, value: Tensor, kernel_size: IntOrPair,
     """
     kernel_size, dilation, scale = check_na2d(query, key, value, kernel_size, dilation, rpb,
                                               scale)
+    # The kernels read contiguous maps: made so here, once, the tensors autograd saves are
+    # the contiguous ones and the backward copies nothing again (the model passes views of
+    # its qkv projection).
+    query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
     return op('na2d_fused')(query, key, value, rpb, kernel_size, dilation, scale)[0]
