@@ -23,6 +23,9 @@ pytest.importorskip('mmdet')
 pytest.importorskip('mmseg')
 pytest.importorskip('pycocotools')
 
+from nat_mm import safe_load  # noqa: E402
+from test_safe_load import globals_beyond_torch_defaults  # noqa: E402
+
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 TOOLS = osp.join(REPO, 'tools')
 DET_CFG = osp.join(REPO, 'configs', 'detection', 'nat_mini_maskrcnn_demo.py')
@@ -79,10 +82,6 @@ def workspace(tmp_path_factory):
     return root
 
 
-def _is_weights_only_failure(out):
-    return 'weights_only' in out or 'Weights only load failed' in out
-
-
 # ----------------------------------------------------------------------------- detection
 @pytest.fixture(scope='module')
 def det_run(workspace):
@@ -109,9 +108,8 @@ def test_det_resume(det_run, workspace):
                      '--resume', wd / 'epoch_1.pth', '--cfg-options',
                      'train_cfg.max_epochs=2', 'train_cfg.val_interval=10',
                      *DET_FAST, cwd=workspace, expect_ok=False)
-    if code != 0 and _is_weights_only_failure(out):
-        pytest.xfail('torch.load(weights_only=True) refuses the mmengine checkpoint '
-                     '(mmengine 0.10.7 + torch >= 2.6): see nat_mm.safe_load')
+    # resume loads mmengine's own checkpoint with torch.load(weights_only=True) (torch >= 2.6)
+    assert 'Weights only load failed' not in out, out[-6000:]
     assert code == 0, out[-6000:]
     assert 'resumed epoch: 1' in out
     assert osp.isfile(workspace / 'det_resume' / 'epoch_2.pth')
@@ -171,13 +169,15 @@ def test_seg_resume(seg_run, workspace):
                      'default_hooks.checkpoint.interval=2',
                      *SEG_FAST,
                      cwd=workspace, expect_ok=False)
-    if code != 0 and _is_weights_only_failure(out):
-        pytest.xfail('torch.load(weights_only=True) refuses the mmengine checkpoint '
-                     '(mmengine 0.10.7 + torch >= 2.6): see nat_mm.safe_load')
+    # resume loads mmengine's own checkpoint with torch.load(weights_only=True) (torch >= 2.6)
+    assert 'Weights only load failed' not in out, out[-6000:]
     assert code == 0, out[-6000:]
     assert 'resumed epoch: 0, iter: 2' in out
     assert osp.isfile(workspace / 'seg_resume' / 'iter_4.pth')
     assert not osp.isfile(workspace / 'seg_resume' / 'iter_2.pth')
+    # everything a real training checkpoint needs beyond torch's defaults is allow-listed
+    assert globals_beyond_torch_defaults(workspace / 'seg_resume' / 'iter_4.pth') <= set(
+        safe_load.allowed_mm_globals())
 
 
 def test_seg_test_tool_and_image_demo(seg_run, workspace):
