@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(backend_info()['cpu'] != 'compiled',
                                 reason='needs the compiled CPU kernels')
 
 
-# attention maps of 4x2x160x160x49 float32 = 40 MiB: above the 32 MiB from which the pool
+# attention maps of 4x2x160x160x49 float32 = 40 MiB: above the 4 MiB from which the pool
 # keeps blocks (smaller ones go back to glibc)
 BIG = (4, 2, 160, 160, 8)
 
@@ -77,10 +77,19 @@ def test_release_empties_the_cache():
     assert cpu_scratch_stats()['cached_bytes'] == 0
 
 
-def test_pool_can_be_switched_off():
+def _cached_after_one_map(**env):
+    """Bytes the pool caches after one 40 MiB attention map died, in a fresh process."""
     code = ('import torch, nat_mm.ops as o; q = torch.randn(4, 2, 160, 160, 8); '
             'a = o.na2d_qk(q, q, 7); del a; print(o.cpu_scratch_stats()["cached_bytes"])')
-    env = dict(os.environ, NAT_MM_CPU_SCRATCH_MB='0')
-    result = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True,
-                            text=True, check=True)
-    assert result.stdout.strip().splitlines()[-1] == '0'
+    result = subprocess.run([sys.executable, '-c', code], env=dict(os.environ, **env),
+                            capture_output=True, text=True, check=True)
+    return int(result.stdout.strip().splitlines()[-1])
+
+
+def test_pool_can_be_switched_off():
+    assert _cached_after_one_map() >= 40 * 2 ** 20
+    assert _cached_after_one_map(NAT_MM_CPU_SCRATCH_MB='0') == 0
+
+
+def test_smallest_pooled_block_is_configurable():
+    assert _cached_after_one_map(NAT_MM_CPU_SCRATCH_MIN_MB='64') == 0

@@ -1,6 +1,7 @@
 // See scratch_pool.h.
 #include "scratch_pool.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <mutex>
 #include <string>
@@ -9,9 +10,18 @@ namespace nat_mm {
 namespace {
 
 constexpr size_t kAlignment = 64;  // one cache line; at::vec loads are unaligned anyway
-// glibc serves blocks above its mmap threshold (adaptive, at most 32 MiB on 64-bit) with a
-// fresh mmap every time: those are the blocks worth keeping.
-constexpr size_t kMinPooledBytes = size_t(32) << 20;
+// Blocks from this size on are pooled (NAT_MM_CPU_SCRATCH_MIN_MB). glibc serves blocks
+// above its mmap threshold (adaptive, 128 KiB to 32 MiB) with a fresh mmap, and even below
+// it its heap trimming hands pages back: the operand copies and outputs of NAT-T's stage
+// 1-2 maps (4-20 MB) page-faulted on every call (A/B, 2 threads: fused backward at
+// detection stage 1 84 -> 62 ms, NAT-Tiny forward+backward vs Swin-T 0.91-1.04 -> 0.82-0.87
+// with 4 instead of 32).
+constexpr int64_t kDefaultMinPooledMB = 4;
+
+int64_t env_mb(const char* name, int64_t fallback) {
+  const char* env = std::getenv(name);
+  return env != nullptr && env[0] != '\0' ? std::stoll(env) : fallback;
+}
 
 struct Block {
   void* ptr;
@@ -84,18 +94,21 @@ class Pool {
     return {static_cast<int64_t>(cached_), static_cast<int64_t>(in_use_)};
   }
 
-  bool enabled() const { return limit_ > 0; }
+  // Whether a block of this size is pooled.
+  bool pools(size_t bytes) const { return limit_ > 0 && bytes >= min_bytes_; }
 
  private:
   Pool() {
-    const char* env = std::getenv("NAT_MM_CPU_SCRATCH_MB");
-    const int64_t mb = env != nullptr && env[0] != '\0' ? std::stoll(env) : 1024;
+    const int64_t mb = env_mb("NAT_MM_CPU_SCRATCH_MB", 1024);
     limit_ = mb > 0 ? mb << 20 : 0;
+    min_bytes_ = static_cast<size_t>(std::max<int64_t>(0, env_mb("NAT_MM_CPU_SCRATCH_MIN_MB",
+                                                                 kDefaultMinPooledMB)))
+                 << 20;
   }
 
   std::mutex mutex_;
   std::vector<Block> free_;
-  size_t cached_ = 0, in_use_ = 0;
+  size_t cached_ = 0, in_use_ = 0, min_bytes_ = 0;
   int64_t limit_ = 0;
 };
 
@@ -135,11 +148,10 @@ at::Tensor scratch_empty(at::IntArrayRef sizes, const at::TensorOptions& options
   int64_t numel = 1;
   for (const int64_t s : sizes) numel *= s;
   const size_t bytes = static_cast<size_t>(numel) * options.dtype().itemsize();
-  // Below glibc's largest mmap threshold, freed blocks go back to glibc: its heap serves
-  // them again without page faults once the threshold has adapted, and holding them here
-  // would stop that adaptation for every other allocation of the process (measured: a
-  // NAT-Tiny training step 12% slower when all sizes were pooled).
-  if (!Pool::instance().enabled() || bytes < kMinPooledBytes) return at::empty(sizes, options);
+  // Small blocks go to glibc: holding every size here would stop its mmap-threshold
+  // adaptation for every other allocation of the process (measured: a NAT-Tiny training
+  // step 12% slower when all sizes were pooled).
+  if (!Pool::instance().pools(bytes)) return at::empty(sizes, options);
   c10::Storage storage(c10::Storage::use_byte_size_t(), bytes, &pool_allocator(),
                        /*resizable=*/true);
   return at::empty({0}, options.device(c10::kCPU)).set_(storage, 0, sizes);
