@@ -11,12 +11,12 @@ namespace {
 
 constexpr size_t kAlignment = 64;  // one cache line; at::vec loads are unaligned anyway
 // Blocks from this size on are pooled (NAT_MM_CPU_SCRATCH_MIN_MB). glibc serves blocks
-// above its mmap threshold (adaptive, 128 KiB to 32 MiB) with a fresh mmap, and even below
-// it its heap trimming hands pages back: the operand copies and outputs of NAT-T's stage
-// 1-2 maps (4-20 MB) page-faulted on every call (A/B, 2 threads: fused backward at
-// detection stage 1 84 -> 62 ms, NAT-Tiny forward+backward vs Swin-T 0.91-1.04 -> 0.82-0.87
-// with 4 instead of 32).
-constexpr int64_t kDefaultMinPooledMB = 4;
+// above its mmap threshold (adaptive, at most 32 MiB on 64-bit) with a fresh mmap every
+// time: those are the blocks worth keeping. Pooling from 4 MiB made the ops alone faster
+// (fused backward at detection stage 1: 84 -> 62 ms, the 4-20 MB copies and outputs stopped
+// page-faulting) but a whole NAT-Tiny training step slower (1460 -> 1662 ms, A/B): every
+// other allocation of those sizes in the process kept its fresh mmap (see below).
+constexpr int64_t kDefaultMinPooledMB = 32;
 
 int64_t env_mb(const char* name, int64_t fallback) {
   const char* env = std::getenv(name);

@@ -4,7 +4,7 @@
 // Why: a fresh tensor of tens of MB is a fresh mmap from glibc, and first-touching it costs
 // a page fault per 4 KiB page (measured: ~20% of the fused backward and ~25% of the fused
 // forward at NAT-T detection stage 1 on 2 cores). The pool keeps freed blocks and hands
-// them out again, like the CUDA caching allocator. Only blocks of 4 MiB and more are
+// them out again, like the CUDA caching allocator. Only blocks of 32 MiB and more are
 // pooled (NAT_MM_CPU_SCRATCH_MIN_MB; see scratch_pool.cpp). Tensors from scratch_empty() are
 // ordinary tensors (resizable storage with the pool's allocator); their block returns to
 // the pool when the last reference dies. The ops also return their outputs (and gradients)
