@@ -407,6 +407,30 @@ void neighbor_rows(const T* plane, const AxisWindow& rw, const AxisWindow& cw,
   }
 }
 
+// Calls block(start, repeated) for blocks of `width` consecutive positions of [0, length)
+// inside [first, last], one(i) for every other position. The positions left over after the
+// last whole block are covered by one more block that ends at `last` and overlaps its
+// predecessor: its first `repeated` positions are done already (the same values are written
+// again; sums over positions must skip them).
+template <typename BlockFn, typename OneFn>
+void walk_blocks(int64_t length, int64_t first, int64_t last, int64_t width, BlockFn&& block,
+                 OneFn&& one) {
+  const int64_t last_start = last + 1 - width;
+  int64_t i = 0;
+  while (i < length) {
+    if (i >= first && i <= last_start) {
+      block(i, int64_t{0});
+      i += width;
+    } else if (i > first && i <= last && last_start >= first) {
+      block(last_start, i - last_start);
+      i = last_start + width;
+    } else {
+      one(i);
+      ++i;
+    }
+  }
+}
+
 // ------------------------------------------------------------------ inverse sums
 // The queries that see one index of an axis, with the neighbor number the index has in
 // each of their windows. At most 2k-1 entries (a window clamped at both borders).
@@ -466,43 +490,26 @@ class InverseRows {
 
   template <typename WeightRows>
   void row(int64_t p, int64_t r, WeightRows&& w_rows, const T* a, const T* a_t, T* out_row) {
-    constexpr int64_t L = Vec<T>::size();
     const Geometry& g = g_;
     const int64_t half = g.kw / 2;
     rows_.fill(r, g.H, g.kh, g.dh, row_starts_);
     for (int64_t y = 0; y < rows_.count; ++y)  // the weights of query row y, window row m
       w_row_[y] = w_rows(rows_.query[y]) + rows_.neighbor[y] * g.kw * g.W;
     // Keys in [kw, W - 1 - kw] are seen by unclamped queries only (one per neighbor): bands
-    // of X of them, the last one overlapping its predecessor (it rewrites equal values).
+    // of X of them, or vector-lane key runs without a band kernel.
     constexpr int64_t X = band_outputs<T>();
-    const int64_t reach = g.kw * g.dw, last_band = g.W - reach - X;
+    const int64_t reach = g.kw * g.dw;
     // key c + i, term t: query column c + i + t - half, neighbor kw - 1 - t
-    auto band = [&](int64_t c) {
+    auto band = [&](int64_t c, int64_t /*repeated*/) {
       for (int64_t y = 0; y < rows_.count; ++y) {
         const int64_t qi = p * g.H + rows_.query[y];
-        scratch_.row_w[y] =
-            w_row_[y] + (g.kw - 1) * g.W + c - half;
+        scratch_.row_w[y] = w_row_[y] + (g.kw - 1) * g.W + c - half;
         scratch_.row_s[y] = a + (qi * g.W + c - half) * g.D;
       }
       band_run(BandRows{rows_.count, 1, 1 - g.W, g.D}, g, out_row + c * g.D, scratch_, X);
     };
-    int64_t c = 0;
-    while (c < g.W) {
-      if (band_ && c >= reach && c <= last_band) {
-        band(c);
-        c += X;
-        continue;
-      }
-      if (band_ && c > reach && c < g.W - reach && last_band >= reach) {
-        band(last_band);
-        c = last_band + X;
-        continue;
-      }
-      if (!band_ && c + L <= g.W && axis_run_is_interior(c, L, g.W, 2 * g.kw + 1, g.dw)) {
-        key_run(p, c, a_t, out_row);
-        c += L;
-        continue;
-      }
+    auto run = [&](int64_t c, int64_t /*repeated*/) { key_run(p, c, a_t, out_row); };
+    auto single = [&](int64_t c) {
       cols_.fill(c, g.W, g.kw, g.dw, col_starts_);
       int64_t terms = 0;
       for (int64_t y = 0; y < rows_.count; ++y) {
@@ -514,7 +521,11 @@ class InverseRows {
         }
       }
       weighted_sum(weights_.data(), sources_.data(), terms, g.D, out_row + c * g.D);
-      ++c;
+    };
+    if (band_) {
+      walk_blocks(g.W, reach, g.W - 1 - reach, X, band, single);
+    } else {
+      walk_blocks(g.W, reach, g.W - 1 - reach, Vec<T>::size(), run, single);
     }
   }
 
@@ -811,21 +822,8 @@ void for_each_query_row(const Geometry& g, F&& body) {
 // already done (the same values are written again; sums over queries must skip them).
 template <typename T, typename RunFn, typename QueryFn>
 void walk_row(const Geometry& g, RunFn&& run, QueryFn&& query) {
-  constexpr int64_t L = Vec<T>::size();
-  const int64_t reach = (g.kw / 2) * g.dw, last_start = g.W - reach - L;
-  int64_t j = 0;
-  while (j < g.W) {
-    if (j >= reach && j <= last_start) {
-      run(j, int64_t{0});
-      j += L;
-    } else if (j > reach && j < g.W - reach && last_start >= reach) {
-      run(last_start, j - last_start);
-      j = last_start + L;
-    } else {
-      query(j);
-      ++j;
-    }
-  }
+  const int64_t reach = (g.kw / 2) * g.dw;
+  walk_blocks(g.W, reach, g.W - 1 - reach, Vec<T>::size(), run, query);
 }
 
 // The operand copies the kernels read: [row][channel][column] in natural column order (for
