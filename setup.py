@@ -38,7 +38,8 @@ def extensions():
 
     here = os.path.dirname(os.path.abspath(__file__))
     csrc = os.path.join(here, 'csrc')
-    sources = [os.path.join('csrc', 'register.cpp')]
+    # csrc/*.cpp: the registration and the argument checks every device shares
+    sources = sorted(os.path.relpath(p, here) for p in glob.glob(os.path.join(csrc, '*.cpp')))
     sources += sorted(os.path.relpath(p, here) for p in glob.glob(os.path.join(csrc, 'cpu', '*.cpp')))
     arch = os.environ.get('NAT_MM_CPU_ARCH', 'native')
     std = cxx_standard(torch.__version__)

@@ -15,6 +15,7 @@ import torch
 
 from nat_mm.ops import backend_info, na2d, na2d_av, na2d_qk
 from nat_mm.ops.library import op
+from bad_op_calls import IDS, bad_calls
 from nat_mm.ops.reference import (na2d_av_reference, na2d_qk_reference, na2d_reference)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
@@ -338,45 +339,26 @@ def test_python_validation_errors_on_cuda():
     torch.cuda.synchronize()  # no asynchronous error left behind
 
 
-def _bad_calls():
-    """(id, op name, argument builder) of raw op calls that must raise: built lazily so that
-    collection needs no GPU."""
-    ks, dil = [3, 3], [1, 1]
-    cuda = lambda *shape: torch.randn(*shape, device='cuda')
-    return [
-        ('qk-key-shape', 'na2d_qk', lambda q: (q, q[..., :4], None, ks, dil)),
-        ('qk-map-too-small', 'na2d_qk', lambda q: (q, q, None, [5, 5], [2, 2])),
-        ('qk-rpb-shape', 'na2d_qk', lambda q: (q, q, torch.zeros(2, 3, 3, device='cuda'), ks, dil)),
-        ('qk-even-kernel', 'na2d_qk', lambda q: (q, q, None, [4, 3], dil)),
-        ('qk-dilation-0', 'na2d_qk', lambda q: (q, q, None, ks, [0, 1])),
-        ('qk-dtype', 'na2d_qk', lambda q: (q, q.double(), None, ks, dil)),
-        ('qk-device', 'na2d_qk', lambda q: (q, q.cpu(), None, ks, dil)),
-        ('av-window', 'na2d_av', lambda q: (cuda(1, 2, 9, 9, 8), q, ks, dil)),
-        ('av-map', 'na2d_av', lambda q: (cuda(1, 2, 9, 8, 9), q, ks, dil)),
-        ('inverse-window', 'na2d_inverse', lambda q: (cuda(1, 2, 9, 9, 7), q, ks, dil)),
-        ('rpb-grad-window', 'na2d_rpb_grad', lambda q: (cuda(1, 2, 9, 9, 7), ks, dil)),
-        ('fused-value-shape', 'na2d_fused', lambda q: (q, q, q[:, :1], None, ks, dil, 1.0)),
-        ('fused-bwd-lse-shape', 'na2d_fused_backward',
-         lambda q: (q, q, q, q, None, q, torch.zeros(1, 2, 9, 8, device='cuda'), ks, dil, 1.0)),
-        ('fused-bwd-out-shape', 'na2d_fused_backward',
-         lambda q: (q, q, q, q, None, q[..., :4], torch.zeros(1, 2, 9, 9, device='cuda'), ks,
-                    dil, 1.0)),
-    ]
-
-
 # One test per call, so that a crash names the call (an H200 run of the combined test lost
 # its pytest worker to a host segfault in one of them, without saying which).
-@pytest.mark.parametrize('index', range(len(_bad_calls())),
-                         ids=[c[0] for c in _bad_calls()])
+@pytest.mark.parametrize('index', range(len(IDS)), ids=IDS)
 def test_kernels_check_their_inputs(index):
     """Calling the registered ops directly (no Python validation) raises, never faults."""
-    _, name, build = _bad_calls()[index]
+    _, name, build, match = bad_calls('cuda')[index]
     q = _small()
-    with pytest.raises((RuntimeError, ValueError, TypeError)):
+    with pytest.raises(RuntimeError, match=match):
         op(name)(*build(q))
     torch.cuda.synchronize()
     # the device is still healthy
     assert torch.isfinite(na2d(q, q, q, 3)).all()
+
+
+def test_kernels_check_the_device_of_every_input():
+    q = _small()
+    with pytest.raises(RuntimeError, match='key is on cpu'):
+        op('na2d_qk')(q, q.cpu(), None, [3, 3], [1, 1])
+    with pytest.raises(RuntimeError, match='rpb is on cpu'):
+        op('na2d_fused')(q, q, q, torch.zeros(2, 5, 5), [3, 3], [1, 1], 1.0)
 
 
 def test_empty_batch():

@@ -2,7 +2,9 @@
 import pytest
 import torch
 
-from nat_mm.ops import na2d, na2d_av, na2d_qk
+from bad_op_calls import IDS, bad_calls
+from nat_mm.ops import backend_info, na2d, na2d_av, na2d_qk
+from nat_mm.ops.library import op
 
 SHAPE = (1, 2, 10, 12, 8)
 
@@ -96,3 +98,13 @@ def test_scale_type():
     q, k, v = qkv()
     with pytest.raises(TypeError, match='scale'):
         na2d(q, k, v, 3, scale='0.1')
+
+
+@pytest.mark.parametrize('index', range(len(IDS)), ids=IDS)
+def test_cpu_kernels_check_their_inputs(index):
+    """The compiled kernels check their arguments too (raw op calls skip the Python layer)."""
+    if backend_info()['cpu'] != 'compiled':
+        pytest.skip('the compiled extension is not built')
+    _, name, build, match = bad_calls('cpu')[index]
+    with pytest.raises(RuntimeError, match=match):
+        op(name)(*build(torch.randn(1, 2, 9, 9, 8)))

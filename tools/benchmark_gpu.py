@@ -89,8 +89,22 @@ def sdpa_window_nobias(q, k, v, rpb, scale):
 _flex_cache = {}
 
 
+def _flex_with_bias(q, k, v, table, block_mask, scale, width):
+    """FlexAttention with NA's relative position bias. The bias table is an argument of the
+    compiled function, not a tensor captured by a closure: torch 2.11 could not take the
+    gradient through a captured one ("all unwrapped values must be FakeTensor")."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    def score_mod(score, bb, hd, q_idx, kv_idx):
+        di = torch.clamp(kv_idx // width - q_idx // width + KERNEL - 1, 0, 2 * KERNEL - 2)
+        dj = torch.clamp(kv_idx % width - q_idx % width + KERNEL - 1, 0, 2 * KERNEL - 2)
+        return score + table[hd, di, dj]
+
+    return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
+
+
 def make_flex(height, width, device):
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import create_block_mask
     half = KERNEL // 2
 
     def start(i, length):
@@ -116,24 +130,13 @@ def make_flex(height, width, device):
         except TypeError:
             block_mask = create_block_mask(mask_mod, None, None, height * width,
                                            height * width, device=device)
-        _flex_cache[key] = (block_mask, torch.compile(flex_attention, dynamic=False))
+        _flex_cache[key] = (block_mask, torch.compile(_flex_with_bias, dynamic=False))
     block_mask, compiled = _flex_cache[key]
 
     def run(q, k, v, rpb, scale):
         b, h, hh, ww, d = q.shape
-
-        # torch 2.11's compiled flex cannot take a gradient through a captured tensor
-        # ("all unwrapped values must be FakeTensor"): its fwd+bwd runs without grad_rpb
-        table = rpb.detach()
-
-        def score_mod(score, bb, hd, q_idx, kv_idx):
-            di = torch.clamp(kv_idx // width - q_idx // width + KERNEL - 1, 0, 2 * KERNEL - 2)
-            dj = torch.clamp(kv_idx % width - q_idx % width + KERNEL - 1, 0, 2 * KERNEL - 2)
-            return score + table[hd, di, dj]
-
         flat = lambda t: t.reshape(b, h, hh * ww, d)
-        out = compiled(flat(q), flat(k), flat(v), score_mod=score_mod, block_mask=block_mask,
-                       scale=scale)
+        out = compiled(flat(q), flat(k), flat(v), rpb, block_mask, scale, width)
         return out.reshape(b, h, hh, ww, d)
 
     return run

@@ -8,6 +8,7 @@
 #   1. build the extension in place with the CUDA kernels (ninja, 16 jobs, sm_90)
 #   2. tests/test_cuda_ops.py (every op vs the float64 reference, all dtypes, both kernel
 #      paths, bad inputs, determinism, streams; NAT_MM_RUN_SLOW=1 adds the >2^31-element test)
+#      (a test that crashed its worker is rerun under gdb, if installed, for a backtrace)
 #   3. a small case of every op under compute-sanitizer memcheck (if installed)
 #   4. tools/benchmark_gpu.py with the time that is left
 # GPU_CHECK_REUSE_BUILD=1 skips step 1 when nat_mm/_C*.so exists (a rerun on a warm machine).
@@ -78,7 +79,8 @@ else
   step build 240 150 "$PY" setup.py build_ext --inplace
 fi
 if [ "${STATUS[build]}" = passed ]; then
-  "$PY" -c 'import nat_mm.ops as o; print("backend:", o.backend_info())' 2>&1 | tee -a "$LOG"
+  # the libstdc++ copies in the process: a diagnostic for the check-message crash (docs/gpu.md)
+  "$PY" -c 'import nat_mm.ops as o; print("backend:", o.backend_info()); print("libstdc++ mapped:", sorted({l.split()[-1] for l in open("/proc/self/maps") if "libstdc++" in l}))' 2>&1 | tee -a "$LOG"
 fi
 
 # ---------------------------------------------------------------- 2. tests
@@ -91,6 +93,16 @@ if [ "${STATUS[build]}" = passed ]; then
     "${XDIST[@]}" -p no:cacheprovider --junitxml="$REPORT_DIR/cuda_tests.xml"
 else
   STATUS[tests]="not run (build failed)"; SECONDS_TAKEN[tests]=0
+fi
+
+# A pytest worker that dies (a host segfault) leaves only "crashed while running <test>":
+# rerun the first such test alone under gdb, when installed, for a native backtrace.
+CRASHED="$(grep -o "crashed while running '[^']*'" "$LOG" | head -1 | cut -d"'" -f2)"
+if [ -n "$CRASHED" ] && command -v gdb >/dev/null; then
+  step crash_backtrace 60 100 gdb -q -batch -ex run -ex bt --args "$PY" -m pytest -q \
+    -p no:cacheprovider "$CRASHED"
+elif [ -n "$CRASHED" ]; then
+  log "a test crashed ($CRASHED); gdb is not installed, so no native backtrace"
 fi
 
 # ---------------------------------------------------------------- 3. compute-sanitizer

@@ -27,6 +27,7 @@
 #include <limits>
 #include <vector>
 
+#include "na2d_checks.h"
 #include "na2d_index.h"
 #include "na2d_kernels.h"
 #include "scratch_pool.h"
@@ -40,15 +41,11 @@ namespace {
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
 
-// ------------------------------------------------------------------ shapes and checks
+// ------------------------------------------------------------------ shapes
 struct Geometry {
   int64_t batch, heads, planes, H, W, D, kh, kw, dh, dw;
 
   Geometry(const at::Tensor& x, at::IntArrayRef kernel_size, at::IntArrayRef dilation) {
-    TORCH_CHECK(x.dim() == 5, "nat_mm: expected a 5-D [batch, heads, height, width, dim] "
-                "tensor, got ", x.sizes());
-    TORCH_CHECK(kernel_size.size() == 2 && dilation.size() == 2,
-                "nat_mm: kernel_size and dilation must have two entries");
     batch = x.size(0);
     heads = x.size(1);
     planes = batch * heads;
@@ -59,11 +56,6 @@ struct Geometry {
     kw = kernel_size[1];
     dh = dilation[0];
     dw = dilation[1];
-    TORCH_CHECK(kh >= 3 && kw >= 3 && kh % 2 == 1 && kw % 2 == 1,
-                "nat_mm: kernel_size must be odd and >= 3, got ", kernel_size);
-    TORCH_CHECK(dh >= 1 && dw >= 1, "nat_mm: dilation must be >= 1, got ", dilation);
-    TORCH_CHECK(H >= kh * dh && W >= kw * dw, "nat_mm: the map (", H, "x", W,
-                ") is smaller than kernel_size*dilation (", kh * dh, "x", kw * dw, ")");
   }
   int64_t window() const { return kh * kw; }
   int64_t bias_bins() const { return (2 * kh - 1) * (2 * kw - 1); }
@@ -74,24 +66,8 @@ struct Geometry {
   }
 };
 
-void check_cpu_like(const at::Tensor& x, const char* name, const at::Tensor& ref,
-                    at::IntArrayRef sizes) {
-  TORCH_CHECK(x.device().is_cpu(), "nat_mm: ", name, " must be a CPU tensor");
-  TORCH_CHECK(x.scalar_type() == ref.scalar_type(), "nat_mm: ", name, " has dtype ",
-              x.scalar_type(), ", expected ", ref.scalar_type());
-  TORCH_CHECK(x.sizes() == sizes, "nat_mm: ", name, " has shape ", x.sizes(), ", expected ",
-              sizes);
-}
-
 std::vector<int64_t> attn_sizes(const Geometry& g) {
   return {g.batch, g.heads, g.H, g.W, g.window()};
-}
-
-void check_rpb(const std::optional<at::Tensor>& rpb, const at::Tensor& ref,
-               const Geometry& g) {
-  if (rpb.has_value()) {
-    check_cpu_like(*rpb, "rpb", ref, {g.heads, 2 * g.kh - 1, 2 * g.kw - 1});
-  }
 }
 
 // Kernels compute in float (double for double input); half/bfloat16 are converted once.
@@ -1009,12 +985,10 @@ struct BackwardSegments {
 at::Tensor na2d_qk_cpu(const at::Tensor& query, const at::Tensor& key,
                        const std::optional<at::Tensor>& rpb, at::IntArrayRef kernel_size,
                        at::IntArrayRef dilation) {
+  check_qk_args(query, key, rpb, kernel_size, dilation);
   const Geometry g(query, kernel_size, dilation);
-  check_cpu_like(query, "query", query, query.sizes());
-  check_cpu_like(key, "key", query, query.sizes());
-  check_rpb(rpb, query, g);
   const at::Tensor q = as_compute(query), k = as_compute(key);
-  const at::Tensor bias = rpb.has_value() ? as_compute(*rpb) : at::Tensor();
+  const at::Tensor bias = has_rpb(rpb) ? as_compute(*rpb) : at::Tensor();
   at::Tensor attn = scratch_empty(attn_sizes(g), q.options());
   const ColumnOrder order(g.W, g.dw);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "nat_mm_na2d_qk_cpu", [&] {
@@ -1049,9 +1023,8 @@ at::Tensor na2d_qk_cpu(const at::Tensor& query, const at::Tensor& key,
 
 at::Tensor na2d_av_cpu(const at::Tensor& attn, const at::Tensor& value,
                        at::IntArrayRef kernel_size, at::IntArrayRef dilation) {
+  check_weights_args(attn, "attn", value, "value", kernel_size, dilation);
   const Geometry g(value, kernel_size, dilation);
-  check_cpu_like(value, "value", value, value.sizes());
-  check_cpu_like(attn, "attn", value, attn_sizes(g));
   const at::Tensor a = as_compute(attn), v = as_compute(value);
   at::Tensor out = scratch_empty(v.sizes(), v.options());
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "nat_mm_na2d_av_cpu", [&] {
@@ -1075,9 +1048,8 @@ at::Tensor na2d_av_cpu(const at::Tensor& attn, const at::Tensor& value,
 
 at::Tensor na2d_inverse_cpu(const at::Tensor& weights, const at::Tensor& source,
                             at::IntArrayRef kernel_size, at::IntArrayRef dilation) {
+  check_weights_args(weights, "weights", source, "source", kernel_size, dilation);
   const Geometry g(source, kernel_size, dilation);
-  check_cpu_like(source, "source", source, source.sizes());
-  check_cpu_like(weights, "weights", source, attn_sizes(g));
   const at::Tensor w = neighbor_major(as_compute(weights), g), a = as_compute(source);
   at::Tensor out = scratch_empty(a.sizes(), a.options());
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "nat_mm_na2d_inverse_cpu", [&] {
@@ -1091,11 +1063,8 @@ at::Tensor na2d_inverse_cpu(const at::Tensor& weights, const at::Tensor& source,
 
 at::Tensor na2d_rpb_grad_cpu(const at::Tensor& grad_attn, at::IntArrayRef kernel_size,
                              at::IntArrayRef dilation) {
-  TORCH_CHECK(grad_attn.dim() == 5, "nat_mm: grad_attn must be 5-D, got ", grad_attn.sizes());
+  check_rpb_grad_args(grad_attn, kernel_size, dilation);
   const Geometry g(grad_attn, kernel_size, dilation);  // D here is the window size
-  TORCH_CHECK(grad_attn.size(4) == g.window(), "nat_mm: grad_attn last dim must be ",
-              g.window());
-  TORCH_CHECK(grad_attn.device().is_cpu(), "nat_mm: grad_attn must be a CPU tensor");
   const at::Tensor ga = as_compute(grad_attn);
   at::Tensor partial = at::zeros({g.planes * g.H, g.bias_bins()}, ga.options());
   AT_DISPATCH_FLOATING_TYPES(ga.scalar_type(), "nat_mm_na2d_rpb_grad_cpu", [&] {
@@ -1120,13 +1089,10 @@ std::tuple<at::Tensor, at::Tensor> na2d_fused_cpu(const at::Tensor& query,
                                                   const std::optional<at::Tensor>& rpb,
                                                   at::IntArrayRef kernel_size,
                                                   at::IntArrayRef dilation, double scale) {
+  check_fused_args(query, key, value, rpb, kernel_size, dilation);
   const Geometry g(query, kernel_size, dilation);
-  check_cpu_like(query, "query", query, query.sizes());
-  check_cpu_like(key, "key", query, query.sizes());
-  check_cpu_like(value, "value", query, query.sizes());
-  check_rpb(rpb, query, g);
   const at::Tensor q = as_compute(query), k = as_compute(key), v = as_compute(value);
-  const at::Tensor bias = rpb.has_value() ? as_compute(*rpb) : at::Tensor();
+  const at::Tensor bias = has_rpb(rpb) ? as_compute(*rpb) : at::Tensor();
   at::Tensor out = scratch_empty(q.sizes(), q.options());
   at::Tensor lse = scratch_empty({g.batch, g.heads, g.H, g.W}, q.options());
   const ColumnOrder order(g.W, g.dw);
@@ -1182,18 +1148,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_fused_backward_c
     const at::Tensor& value, const std::optional<at::Tensor>& rpb, const at::Tensor& out,
     const at::Tensor& lse, at::IntArrayRef kernel_size, at::IntArrayRef dilation,
     double scale) {
+  check_fused_backward_args(grad_out, query, key, value, rpb, out, lse, kernel_size, dilation);
   const Geometry g(query, kernel_size, dilation);
-  for (const auto& [t, name] : {std::pair{&grad_out, "grad_out"}, {&key, "key"},
-                                {&value, "value"}, {&out, "out"}}) {
-    check_cpu_like(*t, name, query, query.sizes());
-  }
-  check_rpb(rpb, query, g);
-  TORCH_CHECK(lse.sizes() == query.sizes().slice(0, 4), "nat_mm: lse has shape ",
-              lse.sizes());
   const at::Tensor q = as_compute(query), k = as_compute(key), v = as_compute(value);
   const at::Tensor go = as_compute(grad_out), o = as_compute(out);
   const at::Tensor l = lse.to(q.scalar_type()).contiguous();
-  const at::Tensor bias = rpb.has_value() ? as_compute(*rpb) : at::Tensor();
+  const at::Tensor bias = has_rpb(rpb) ? as_compute(*rpb) : at::Tensor();
   at::Tensor grad_q = scratch_empty(q.sizes(), q.options());
   at::Tensor grad_k = scratch_empty(q.sizes(), q.options());
   at::Tensor grad_v = scratch_empty(q.sizes(), q.options());

@@ -25,6 +25,7 @@
 #include <optional>
 #include <tuple>
 
+#include "na2d_checks.h"
 #include "na2d_index.h"
 
 namespace nat_mm {
@@ -60,66 +61,6 @@ inline Geometry make_geometry(const at::Tensor& t, int64_t last_dim, at::IntArra
   g.bias_h = 2 * g.kh - 1;
   g.bias_w = 2 * g.kw - 1;
   return g;
-}
-
-// ------------------------------------------------------------------ argument checks
-// The Python layer validates first; these checks make misuse from C++ (or a bypassed
-// Python layer) raise a c10::Error instead of reading out of bounds.
-inline void check_window_args(at::IntArrayRef kernel_size, at::IntArrayRef dilation) {
-  TORCH_CHECK(kernel_size.size() == 2, "nat_mm: kernel_size must have 2 entries, got ",
-              kernel_size.size());
-  TORCH_CHECK(dilation.size() == 2, "nat_mm: dilation must have 2 entries, got ",
-              dilation.size());
-  for (int a = 0; a < 2; ++a) {
-    TORCH_CHECK(kernel_size[a] >= 1 && kernel_size[a] % 2 == 1,
-                "nat_mm: kernel_size must be odd and positive, got ", kernel_size);
-    TORCH_CHECK(dilation[a] >= 1, "nat_mm: dilation must be >= 1, got ", dilation);
-  }
-}
-
-inline void check_cuda_5d(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.defined(), "nat_mm: ", name, " is undefined");
-  TORCH_CHECK(t.is_cuda(), "nat_mm: ", name, " must be a CUDA tensor, got device ", t.device());
-  TORCH_CHECK(t.dim() == 5, "nat_mm: ", name, " must be 5-D [batch, heads, height, width, C], got ",
-              t.dim(), "-D");
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()) &&
-                  (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble ||
-                   t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16),
-              "nat_mm: ", name, " must be float16, bfloat16, float32 or float64, got ",
-              t.scalar_type());
-}
-
-inline void check_same_device_dtype(const at::Tensor& ref, const char* ref_name,
-                                    const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device() == ref.device(), "nat_mm: ", name, " is on ", t.device(), " but ",
-              ref_name, " is on ", ref.device());
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "nat_mm: ", name, " has dtype ",
-              t.scalar_type(), " but ", ref_name, " has ", ref.scalar_type());
-}
-
-inline void check_map_size(const at::Tensor& t, at::IntArrayRef kernel_size,
-                           at::IntArrayRef dilation) {
-  TORCH_CHECK(t.size(2) >= kernel_size[0] * dilation[0] &&
-                  t.size(3) >= kernel_size[1] * dilation[1],
-              "nat_mm: the feature map (", t.size(2), "x", t.size(3),
-              ") is smaller than kernel_size*dilation (", kernel_size[0] * dilation[0], "x",
-              kernel_size[1] * dilation[1], "): pad it");
-}
-
-inline void check_rpb(const std::optional<at::Tensor>& rpb, const at::Tensor& query,
-                      at::IntArrayRef kernel_size) {
-  if (!rpb.has_value() || !rpb->defined()) return;
-  check_same_device_dtype(query, "query", *rpb, "rpb");
-  TORCH_CHECK(rpb->dim() == 3 && rpb->size(0) == query.size(1) &&
-                  rpb->size(1) == 2 * kernel_size[0] - 1 &&
-                  rpb->size(2) == 2 * kernel_size[1] - 1,
-              "nat_mm: rpb must have shape [heads, 2*kernel_h-1, 2*kernel_w-1] = [",
-              query.size(1), ", ", 2 * kernel_size[0] - 1, ", ", 2 * kernel_size[1] - 1,
-              "], got ", rpb->sizes());
-}
-
-inline bool has_rpb(const std::optional<at::Tensor>& rpb) {
-  return rpb.has_value() && rpb->defined();
 }
 
 // ------------------------------------------------------------------ launch helpers

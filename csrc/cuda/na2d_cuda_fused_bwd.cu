@@ -274,30 +274,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_fused_backward_c
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
     const at::Tensor& value, const std::optional<at::Tensor>& rpb, const at::Tensor& out,
     const at::Tensor& lse, at::IntArrayRef kernel_size, at::IntArrayRef dilation, double scale) {
-  check_window_args(kernel_size, dilation);
-  check_cuda_5d(query, "query");
-  check_cuda_5d(key, "key");
-  check_cuda_5d(value, "value");
-  check_cuda_5d(grad_out, "grad_out");
-  check_cuda_5d(out, "out");
-  check_same_device_dtype(query, "query", key, "key");
-  check_same_device_dtype(query, "query", value, "value");
-  TORCH_CHECK(grad_out.device() == query.device() && out.device() == query.device() &&
-                  lse.device() == query.device(),
-              "nat_mm: grad_out, out and lse must be on the device of query (", query.device(),
-              ")");
-  TORCH_CHECK(key.sizes() == query.sizes() && value.sizes() == query.sizes() &&
-                  grad_out.sizes() == query.sizes() && out.sizes() == query.sizes(),
-              "nat_mm: query, key, value, out and grad_out must have one shape, got ",
-              query.sizes(), ", ", key.sizes(), ", ", value.sizes(), ", ", out.sizes(), ", ",
-              grad_out.sizes());
-  TORCH_CHECK(lse.dim() == 4 && lse.sizes() == query.sizes().slice(0, 4),
-              "nat_mm: lse must have shape [batch, heads, height, width] = ",
-              query.sizes().slice(0, 4), ", got ", lse.sizes());
-  TORCH_CHECK(at::isFloatingType(lse.scalar_type()), "nat_mm: lse must be floating, got ",
-              lse.scalar_type());
-  check_map_size(query, kernel_size, dilation);
-  check_rpb(rpb, query, kernel_size);
+  check_fused_backward_args(grad_out, query, key, value, rpb, out, lse, kernel_size, dilation);
   c10::cuda::CUDAGuard guard(query.device());
   const auto dtype = query.scalar_type();
   const auto acc_type = dtype == at::kDouble ? at::kDouble : at::kFloat;

@@ -151,17 +151,7 @@ std::tuple<at::Tensor, at::Tensor> na2d_fused_cuda(const at::Tensor& query, cons
                                                    const std::optional<at::Tensor>& rpb,
                                                    at::IntArrayRef kernel_size,
                                                    at::IntArrayRef dilation, double scale) {
-  check_window_args(kernel_size, dilation);
-  check_cuda_5d(query, "query");
-  check_cuda_5d(key, "key");
-  check_cuda_5d(value, "value");
-  check_same_device_dtype(query, "query", key, "key");
-  check_same_device_dtype(query, "query", value, "value");
-  TORCH_CHECK(key.sizes() == query.sizes() && value.sizes() == query.sizes(),
-              "nat_mm: query, key and value must have one shape, got ", query.sizes(), ", ",
-              key.sizes(), ", ", value.sizes());
-  check_map_size(query, kernel_size, dilation);
-  check_rpb(rpb, query, kernel_size);
+  check_fused_args(query, key, value, rpb, kernel_size, dilation);
   c10::cuda::CUDAGuard guard(query.device());
   const at::Tensor q = query.contiguous(), k = key.contiguous(), v = value.contiguous();
   const at::Tensor bias = has_rpb(rpb) ? rpb->contiguous() : at::Tensor();

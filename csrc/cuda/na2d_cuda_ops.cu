@@ -317,14 +317,7 @@ using namespace cuda_detail;
 at::Tensor na2d_qk_cuda(const at::Tensor& query, const at::Tensor& key,
                         const std::optional<at::Tensor>& rpb, at::IntArrayRef kernel_size,
                         at::IntArrayRef dilation) {
-  check_window_args(kernel_size, dilation);
-  check_cuda_5d(query, "query");
-  check_cuda_5d(key, "key");
-  check_same_device_dtype(query, "query", key, "key");
-  TORCH_CHECK(key.sizes() == query.sizes(), "nat_mm: key must have the shape of query ",
-              query.sizes(), ", got ", key.sizes());
-  check_map_size(query, kernel_size, dilation);
-  check_rpb(rpb, query, kernel_size);
+  check_qk_args(query, key, rpb, kernel_size, dilation);
   c10::cuda::CUDAGuard guard(query.device());
   const at::Tensor q = query.contiguous(), k = key.contiguous();
   const at::Tensor bias = has_rpb(rpb) ? rpb->contiguous() : at::Tensor();
@@ -334,29 +327,9 @@ at::Tensor na2d_qk_cuda(const at::Tensor& query, const at::Tensor& key,
   return out;
 }
 
-namespace {
-// The checks shared by av and inverse: a [B, heads, H, W, kh*kw] weight map over a
-// [B, heads, H, W, C] tensor of the same device and dtype.
-void check_weights_over(const at::Tensor& weights, const char* wname, const at::Tensor& source,
-                        const char* sname, at::IntArrayRef kernel_size,
-                        at::IntArrayRef dilation) {
-  check_window_args(kernel_size, dilation);
-  check_cuda_5d(weights, wname);
-  check_cuda_5d(source, sname);
-  check_same_device_dtype(source, sname, weights, wname);
-  TORCH_CHECK(weights.size(4) == kernel_size[0] * kernel_size[1], "nat_mm: ", wname,
-              " last dim must be kernel_h*kernel_w = ", kernel_size[0] * kernel_size[1],
-              ", got ", weights.size(4));
-  TORCH_CHECK(weights.sizes().slice(0, 4) == source.sizes().slice(0, 4), "nat_mm: ", wname,
-              " and ", sname, " must agree in [batch, heads, height, width]: ", weights.sizes(),
-              " vs ", source.sizes());
-  check_map_size(source, kernel_size, dilation);
-}
-}  // namespace
-
 at::Tensor na2d_av_cuda(const at::Tensor& attn, const at::Tensor& value,
                         at::IntArrayRef kernel_size, at::IntArrayRef dilation) {
-  check_weights_over(attn, "attn", value, "value", kernel_size, dilation);
+  check_weights_args(attn, "attn", value, "value", kernel_size, dilation);
   c10::cuda::CUDAGuard guard(value.device());
   const at::Tensor a = attn.contiguous(), v = value.contiguous();
   const Geometry g = make_geometry(v, v.size(4), kernel_size, dilation);
@@ -367,7 +340,7 @@ at::Tensor na2d_av_cuda(const at::Tensor& attn, const at::Tensor& value,
 
 at::Tensor na2d_inverse_cuda(const at::Tensor& weights, const at::Tensor& source,
                              at::IntArrayRef kernel_size, at::IntArrayRef dilation) {
-  check_weights_over(weights, "weights", source, "source", kernel_size, dilation);
+  check_weights_args(weights, "weights", source, "source", kernel_size, dilation);
   c10::cuda::CUDAGuard guard(source.device());
   const at::Tensor w = weights.contiguous(), s = source.contiguous();
   const Geometry g = make_geometry(s, s.size(4), kernel_size, dilation);
@@ -379,12 +352,7 @@ at::Tensor na2d_inverse_cuda(const at::Tensor& weights, const at::Tensor& source
 
 at::Tensor na2d_rpb_grad_cuda(const at::Tensor& grad_attn, at::IntArrayRef kernel_size,
                               at::IntArrayRef dilation) {
-  check_window_args(kernel_size, dilation);
-  check_cuda_5d(grad_attn, "grad_attn");
-  TORCH_CHECK(grad_attn.size(4) == kernel_size[0] * kernel_size[1],
-              "nat_mm: grad_attn last dim must be kernel_h*kernel_w = ",
-              kernel_size[0] * kernel_size[1], ", got ", grad_attn.size(4));
-  check_map_size(grad_attn, kernel_size, dilation);
+  check_rpb_grad_args(grad_attn, kernel_size, dilation);
   c10::cuda::CUDAGuard guard(grad_attn.device());
   const at::Tensor ga = grad_attn.contiguous();
   const Geometry g = make_geometry(ga, 0, kernel_size, dilation);

@@ -1,0 +1,57 @@
+// Argument checks of the six neighborhood-attention ops, one set for every device's
+// kernels. The Python layer validates first (with friendlier messages); these make a
+// call that bypasses it (torch.ops.nat_mm.*, C++) raise a c10::Error instead of reading
+// out of bounds. Defined in na2d_checks.cpp, compiled once by the host compiler: the CUDA
+// translation units only call them.
+//
+// Numbers in messages are formatted with std::to_string (message_int/message_ints), never
+// streamed into the message: on the lent H200 machine (torch 2.11, Ubuntu's g++), every
+// check of this extension whose message streamed an integer or a shape killed the process
+// with a segfault, from the CPU-compiled code as well as from nvcc's, while messages made of
+// strings only (dtype and device names) raised normally.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+
+namespace nat_mm {
+
+// Message text of a number / of a shape, e.g. "[1, 2, 9, 9, 8]".
+std::string message_int(int64_t value);
+std::string message_ints(at::IntArrayRef values);
+
+// query [B, heads, H, W, D], key like query, rpb [heads, 2kh-1, 2kw-1] or none.
+void check_qk_args(const at::Tensor& query, const at::Tensor& key,
+                   const std::optional<at::Tensor>& rpb, at::IntArrayRef kernel_size,
+                   at::IntArrayRef dilation);
+
+// A [B, heads, H, W, kh*kw] weight map over a [B, heads, H, W, C] source (av: attn over
+// value; inverse: weights over source).
+void check_weights_args(const at::Tensor& weights, const char* weights_name,
+                        const at::Tensor& source, const char* source_name,
+                        at::IntArrayRef kernel_size, at::IntArrayRef dilation);
+
+// grad_attn [B, heads, H, W, kh*kw].
+void check_rpb_grad_args(const at::Tensor& grad_attn, at::IntArrayRef kernel_size,
+                         at::IntArrayRef dilation);
+
+// query, key, value of one shape [B, heads, H, W, D], rpb as for qk.
+void check_fused_args(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                      const std::optional<at::Tensor>& rpb, at::IntArrayRef kernel_size,
+                      at::IntArrayRef dilation);
+
+// As the forward, plus grad_out and out of query's shape and lse [B, heads, H, W].
+void check_fused_backward_args(const at::Tensor& grad_out, const at::Tensor& query,
+                               const at::Tensor& key, const at::Tensor& value,
+                               const std::optional<at::Tensor>& rpb, const at::Tensor& out,
+                               const at::Tensor& lse, at::IntArrayRef kernel_size,
+                               at::IntArrayRef dilation);
+
+inline bool has_rpb(const std::optional<at::Tensor>& rpb) {
+  return rpb.has_value() && rpb->defined();
+}
+
+}  // namespace nat_mm
