@@ -1,8 +1,10 @@
 """The CUDA kernels of nat_mm against the pure-PyTorch reference (float64, on the CPU).
 
 Every op, forward and every gradient, float32/float16/bfloat16/float64, borders, dilation,
-rectangular and large kernels, odd sizes and head dims; both CUDA code paths of the fused
-ops (the tiled kernels and, with NAT_MM_CUDA_FORCE_SIMPLE=1, the straightforward ones);
+rectangular and large kernels, odd sizes and head dims; the three CUDA code paths of the
+fused ops (the default: the tensor-core forward in float16/bfloat16 and the tiled kernels;
+with NAT_MM_CUDA_NO_TENSOR_CORES=1 the CUDA-core tiled forward; with
+NAT_MM_CUDA_FORCE_SIMPLE=1 the straightforward kernels);
 bad inputs raising Python errors; deterministic gradients; streams and devices.
 
 Needs a CUDA GPU and an extension built with the CUDA kernels; every test skips cleanly
@@ -21,6 +23,7 @@ from nat_mm.ops.reference import (na2d_av_reference, na2d_qk_reference, na2d_ref
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 
 FORCE_SIMPLE = 'NAT_MM_CUDA_FORCE_SIMPLE'
+NO_TENSOR_CORES = 'NAT_MM_CUDA_NO_TENSOR_CORES'
 
 # (batch, heads, H, W, head_dim, kernel_size, dilation)
 CASES = [
@@ -95,13 +98,16 @@ def assert_scaled_close(actual, expected, tol, what=''):
     assert err <= tol * scale, f'{what}: max error {err:.3g} > {tol:g} * scale {scale:.3g}'
 
 
-@pytest.fixture(params=['tiled', 'simple'])
+@pytest.fixture(params=['default', 'cuda-cores', 'simple'])
 def path(request, monkeypatch):
-    """Run a test on the default kernels (tiled where they apply) and on the simple ones."""
+    """Run a test on the default kernels (the tensor-core forward and the tiled kernels where
+    they apply), with the tensor-core forward switched off, and on the simple kernels."""
+    monkeypatch.delenv(FORCE_SIMPLE, raising=False)
+    monkeypatch.delenv(NO_TENSOR_CORES, raising=False)
     if request.param == 'simple':
         monkeypatch.setenv(FORCE_SIMPLE, '1')
-    else:
-        monkeypatch.delenv(FORCE_SIMPLE, raising=False)
+    elif request.param == 'cuda-cores':
+        monkeypatch.setenv(NO_TENSOR_CORES, '1')
     return request.param
 
 
@@ -137,6 +143,33 @@ def test_fused_forward_backward(case, dtype, path):
                               None if rc is None else rc.detach(), list(ks), list(dil), scale)
     assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert_scaled_close(lse, lse_ref, tol, 'lse')
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize('case', [CASES[3], CASES[4], CASES[5], CASES[6]], ids=_ids)
+def test_tensor_core_kernels_are_separate_kernels(case, dtype, monkeypatch):
+    """At head dims 16/32/64 in float16/bfloat16 the default forward and backward query side
+    are the tensor-core kernels: they round probabilities (forward) and ds (backward) to the
+    input dtype for the second GEMM, so out and grad_q are close to the CUDA-core kernels'
+    but not bit-identical (identical would mean they did not run)."""
+    ks, dil = list(case[5]), list(case[6])
+    scale = case[4] ** -0.5
+    q, k, v, rpb, g = _base(case, True)
+    out_ref, lse_ref, grads_ref = _fused_reference(case, True, scale)
+    args = [_cuda(t, dtype) for t in (q, k, v, rpb)]
+    go = _cuda(g, dtype)
+    results = {}
+    for name, flag in (('tensor cores', '0'), ('cuda cores', '1')):
+        monkeypatch.setenv(NO_TENSOR_CORES, flag)
+        out, lse = op('na2d_fused')(*args, ks, dil, scale)
+        grads = op('na2d_fused_backward')(go, *args[:3], args[3], out, lse, ks, dil, scale)
+        assert_scaled_close(out, out_ref, TOL[dtype], f'out ({name})')
+        assert_scaled_close(lse, lse_ref, TOL[dtype], f'lse ({name})')
+        for what, a, e in zip(('grad_q', 'grad_k', 'grad_v', 'grad_rpb'), grads, grads_ref):
+            assert_scaled_close(a, e, TOL[dtype], f'{what} ({name})')
+        results[name] = (out, grads[0])
+    assert not torch.equal(results['tensor cores'][0], results['cuda cores'][0])
+    assert not torch.equal(results['tensor cores'][1], results['cuda cores'][1])
 
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16], ids=str)

@@ -1,7 +1,10 @@
 """GPU benchmark of nat_mm's neighborhood attention against the alternatives.
 
 Methods (all at kernel/window 7, head_dim 32, with a relative position bias unless noted):
-  nat_fused      nat_mm.ops.na2d (fused CUDA kernels, rpb)
+  nat_fused      nat_mm.ops.na2d (fused CUDA kernels, rpb; forward on tensor cores in
+                 float16/bfloat16)
+  nat_fused_cuda_cores  the same with the tensor-core forward switched off
+                 (NAT_MM_CUDA_NO_TENSOR_CORES=1: the CUDA-core tiled forward)
   nat_unfused    na2d_qk -> softmax -> na2d_av (attention map in memory, rpb)
   sdpa_window    Swin-style window attention: pad to /7, partition into 7x7 windows,
                  F.scaled_dot_product_attention with the [heads, 49, 49] bias, reverse
@@ -42,13 +45,21 @@ SHAPES = {
 }
 TINY = {'tiny': (2, [(14, 14), (9, 12)])}
 DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}
-METHODS = ('nat_fused', 'nat_unfused', 'sdpa_window', 'sdpa_window_nobias', 'flex',
+METHODS = ('nat_fused', 'nat_fused_cuda_cores', 'nat_unfused', 'sdpa_window', 'sdpa_window_nobias', 'flex',
            'reference')
 
 
 # ---------------------------------------------------------------- methods
 def nat_fused(q, k, v, rpb, scale):
     return na2d(q, k, v, KERNEL, 1, rpb=rpb, scale=scale)
+
+
+def nat_fused_cuda_cores(q, k, v, rpb, scale):
+    os.environ['NAT_MM_CUDA_NO_TENSOR_CORES'] = '1'  # read by the op at each call
+    try:
+        return nat_fused(q, k, v, rpb, scale)
+    finally:
+        del os.environ['NAT_MM_CUDA_NO_TENSOR_CORES']
 
 
 def nat_unfused(q, k, v, rpb, scale):
@@ -256,8 +267,8 @@ def markdown_report(summary):
         lines += [f'**{dname}**', '',
                   '| shape | mode | nat_fused ms | TFLOP/s | sdpa_window ms | ratio | '
                   'ratio vs sdpa no bias | ratio vs flex | ratio vs unfused | '
-                  'peak MiB nat / sdpa |',
-                  '|---|---|---|---|---|---|---|---|---|---|']
+                  'ratio vs CUDA-core fwd | peak MiB nat / sdpa |',
+                  '|---|---|---|---|---|---|---|---|---|---|---|']
         for task, stage in rows:
             for mode in ('fwd', 'fwd+bwd'):
                 get = lambda m: recs.get((task, stage, dname, mode, m), {})
@@ -274,7 +285,8 @@ def markdown_report(summary):
                     f"| {task} s{stage} [{shape}] | {mode} | {nat['ms']:.3f} | "
                     f"{nat['tflops']:.2f} | {sd.get('ms', float('nan')):.3f} | "
                     f"{ratio('sdpa_window')} | {ratio('sdpa_window_nobias')} | {ratio('flex')} | "
-                    f"{ratio('nat_unfused')} | {nat.get('peak_mib') or 0:.0f} / "
+                    f"{ratio('nat_unfused')} | {ratio('nat_fused_cuda_cores')} | "
+                    f"{nat.get('peak_mib') or 0:.0f} / "
                     f"{sd.get('peak_mib') or 0:.0f} |")
         lines.append('')
     return '\n'.join(lines)
@@ -330,12 +342,15 @@ def main(argv=None):
         except Exception as error:  # the profile is a diagnostic: never lose the benchmark
             print(f'profile failed: {type(error).__name__}: {error}')
     records = []
-    fns = {'nat_fused': nat_fused, 'nat_unfused': nat_unfused, 'sdpa_window': sdpa_window,
+    fns = {'nat_fused': nat_fused, 'nat_fused_cuda_cores': nat_fused_cuda_cores,
+           'nat_unfused': nat_unfused, 'sdpa_window': sdpa_window,
            'sdpa_window_nobias': sdpa_window_nobias, 'reference': reference}
     # Phases in priority order: the fast methods in every dtype first, then flex (one
     # compile per shape), then the slow reference.
     fast = [m for m in methods if m not in ('flex', 'reference')]
-    phases = [(d, fast) for d in dtypes]
+    # the tensor-core forward serves float16/bfloat16 only: in fp32 both are one kernel
+    phases = [(d, [m for m in fast if not (d == 'fp32' and m == 'nat_fused_cuda_cores')])
+              for d in dtypes]
     if 'flex' in methods:
         phases += [(d, ['flex']) for d in dtypes if d in flex_dtypes]
     if 'reference' in methods:

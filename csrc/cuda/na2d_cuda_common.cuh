@@ -82,6 +82,7 @@ struct DeviceLimits {
   int sm_count = 0;
   int smem_optin = 0;    // max dynamic shared memory per block after opt-in
   int smem_default = 0;  // without opt-in
+  int major = 0;         // compute capability (tensor-core kernels need 8.0)
 };
 
 inline DeviceLimits device_limits(int device) {
@@ -95,6 +96,7 @@ inline DeviceLimits device_limits(int device) {
       cudaDeviceGetAttribute(&lim.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
   C10_CUDA_CHECK(
       cudaDeviceGetAttribute(&lim.smem_default, cudaDevAttrMaxSharedMemoryPerBlock, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&lim.major, cudaDevAttrComputeCapabilityMajor, device));
   if (device >= 0 && device < 64) {
     cache[device] = lim;
     ready[device] = true;
@@ -102,12 +104,18 @@ inline DeviceLimits device_limits(int device) {
   return lim;
 }
 
-// NAT_MM_CUDA_FORCE_SIMPLE=1 makes every op take the straightforward kernels (the test
-// oracle), read at each call so tests can switch it.
-inline bool force_simple() {
-  const char* v = std::getenv("NAT_MM_CUDA_FORCE_SIMPLE");
+// Kernel choice switches, read at each call so tests can flip them: set and not "0".
+inline bool env_flag(const char* name) {
+  const char* v = std::getenv(name);
   return v != nullptr && v[0] != '\0' && std::strcmp(v, "0") != 0;
 }
+
+// NAT_MM_CUDA_FORCE_SIMPLE=1: every op takes the straightforward kernels (the test oracle).
+inline bool force_simple() { return env_flag("NAT_MM_CUDA_FORCE_SIMPLE"); }
+
+// NAT_MM_CUDA_NO_TENSOR_CORES=1: the fused ops take the CUDA-core tiled kernels where the
+// tensor-core ones would apply (tests compare the two).
+inline bool tensor_cores_disabled() { return env_flag("NAT_MM_CUDA_NO_TENSOR_CORES"); }
 
 // ------------------------------------------------------------------ device helpers
 // Quotient and remainder of non-negative int64 values; 32-bit hardware division when
@@ -215,6 +223,19 @@ void launch_inverse(const at::Tensor& w1, const at::Tensor& s1, const at::Tensor
                     double alpha1, const at::Tensor& w2, const at::Tensor& s2,
                     const at::Tensor& out2, double alpha2, const Geometry& g,
                     cudaStream_t stream);
+
+// Fused forward on tensor cores (na2d_cuda_fused_mma.cu) for float16/bfloat16; false
+// (nothing launched) where it does not apply: the caller then takes the tiled kernel.
+bool fused_forward_mma(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const at::Tensor& rpb, const at::Tensor& out, const at::Tensor& lse,
+                       const Geometry& g, double scale, cudaStream_t stream);
+
+// The fused backward's query side (p, ds maps and grad_q) on tensor cores, likewise.
+bool backward_query_side_mma(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             const at::Tensor& go, const at::Tensor& o, const at::Tensor& rpb,
+                             const at::Tensor& lse, const at::Tensor& p, const at::Tensor& ds,
+                             const at::Tensor& grad_q, const Geometry& g, double scale,
+                             cudaStream_t stream);
 
 // out[h, bi, bj] = sum of grad_attn entries whose bias bin is (bi, bj); deterministic.
 void launch_rpb_grad(const at::Tensor& grad_attn, const at::Tensor& out, const Geometry& g,

@@ -8,7 +8,8 @@
 // p and ds are kept in float32 (float64 for float64 input) maps [B, heads, H, W, kh*kw];
 // grad_k and grad_v are gathered per key (no atomics), so every output is deterministic.
 //
-// The query-side pass has two kernels:
+// The query-side pass has three kernels:
+//  * tensor cores (float16/bfloat16, head_dim 16/32/64/128): na2d_cuda_fused_mma.cu;
 //  * tiled (float16/bfloat16/float32, head_dim <= 256, halo fits shared memory): the key
 //    and value halo of a query tile in shared memory, G threads per query, delta, p, ds
 //    and grad_q in one pass;
@@ -294,10 +295,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_fused_backward_c
   at::Tensor p = at::empty({g.batch, g.heads, g.height, g.width, g.window}, ls.options());
   at::Tensor ds = at::empty(p.sizes(), p.options());
 
-  const bool done = g.dim > 0 && with_tiled_type(dtype, [&](auto type) {
-    return query_side_tiled<decltype(type)>(q, k, v, go, o, bias, ls, p, ds, grad_q, g, scale,
-                                            stream);
-  });
+  const bool mma = g.dim > 0 && backward_query_side_mma(q, k, v, go, o, bias, ls, p, ds, grad_q,
+                                                        g, scale, stream);
+  const bool done = mma || (g.dim > 0 && with_tiled_type(dtype, [&](auto type) {
+                              return query_side_tiled<decltype(type)>(
+                                  q, k, v, go, o, bias, ls, p, ds, grad_q, g, scale, stream);
+                            }));
   if (!done) query_side_simple(q, k, v, go, o, bias, ls, p, ds, grad_q, g, scale, stream);
   // the key side's tiles are larger (query halo): they may not fit where the query side's did
   const bool keys_done = done && with_tiled_type(dtype, [&](auto type) {

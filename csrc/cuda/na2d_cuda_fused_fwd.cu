@@ -2,7 +2,9 @@
 // each query's window, and lse = log-sum-exp of each query's logits (float32; float64 for
 // float64 input).
 //
-// Two kernels, picked per call:
+// Three kernels, picked per call:
+//  * tensor cores (float16/bfloat16, sm_80+, head_dim 16/32/64/128, fits shared memory):
+//    na2d_cuda_fused_mma.cu; NAT_MM_CUDA_NO_TENSOR_CORES=1 skips it.
 //  * tiled (float16/bfloat16/float32, head_dim <= 256, halo fits shared memory): one block
 //    per tile of queries of one (batch, head) and one dilation residue class. The block
 //    loads the keys and values of the tile's halo (tile + kernel - 1 per axis, on the
@@ -161,9 +163,11 @@ std::tuple<at::Tensor, at::Tensor> na2d_fused_cuda(const at::Tensor& query, cons
   at::Tensor lse = at::empty({g.batch, g.heads, g.height, g.width}, q.options().dtype(lse_type));
   if (g.queries == 0) return {out, lse};
   const cudaStream_t stream = current_stream(q);
-  const bool done = g.dim > 0 && with_tiled_type(q.scalar_type(), [&](auto type) {
-    return fused_forward_tiled<decltype(type)>(q, k, v, bias, out, lse, g, scale, stream);
-  });
+  const bool done = g.dim > 0 && (fused_forward_mma(q, k, v, bias, out, lse, g, scale, stream) ||
+                                  with_tiled_type(q.scalar_type(), [&](auto type) {
+                                    return fused_forward_tiled<decltype(type)>(
+                                        q, k, v, bias, out, lse, g, scale, stream);
+                                  }));
   if (!done) fused_forward_simple(q, k, v, bias, out, lse, g, scale, stream);
   return {out, lse};
 }
