@@ -2,8 +2,8 @@
 
 Every op, forward and every gradient, float32/float16/bfloat16/float64, borders, dilation,
 rectangular and large kernels, odd sizes and head dims; the three CUDA code paths of the
-fused ops (the default: the tensor-core forward in float16/bfloat16 and the tiled kernels;
-with NAT_MM_CUDA_NO_TENSOR_CORES=1 the CUDA-core tiled forward; with
+fused ops (the default: the tiled kernels where they apply;
+with NAT_MM_CUDA_TENSOR_CORES=1 the tensor-core forward and backward query side; with
 NAT_MM_CUDA_FORCE_SIMPLE=1 the straightforward kernels);
 bad inputs raising Python errors; deterministic gradients; streams and devices.
 
@@ -23,7 +23,7 @@ from nat_mm.ops.reference import (na2d_av_reference, na2d_qk_reference, na2d_ref
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 
 FORCE_SIMPLE = 'NAT_MM_CUDA_FORCE_SIMPLE'
-NO_TENSOR_CORES = 'NAT_MM_CUDA_NO_TENSOR_CORES'
+TENSOR_CORES = 'NAT_MM_CUDA_TENSOR_CORES'
 
 # (batch, heads, H, W, head_dim, kernel_size, dilation)
 CASES = [
@@ -98,16 +98,16 @@ def assert_scaled_close(actual, expected, tol, what=''):
     assert err <= tol * scale, f'{what}: max error {err:.3g} > {tol:g} * scale {scale:.3g}'
 
 
-@pytest.fixture(params=['default', 'cuda-cores', 'simple'])
+@pytest.fixture(params=['default', 'tensor-cores', 'simple'])
 def path(request, monkeypatch):
-    """Run a test on the default kernels (the tensor-core forward and the tiled kernels where
-    they apply), with the tensor-core forward switched off, and on the simple kernels."""
+    """Run a test on the default kernels (tiled where they apply), with the opt-in
+    tensor-core kernels, and on the simple kernels."""
     monkeypatch.delenv(FORCE_SIMPLE, raising=False)
-    monkeypatch.delenv(NO_TENSOR_CORES, raising=False)
+    monkeypatch.delenv(TENSOR_CORES, raising=False)
     if request.param == 'simple':
         monkeypatch.setenv(FORCE_SIMPLE, '1')
-    elif request.param == 'cuda-cores':
-        monkeypatch.setenv(NO_TENSOR_CORES, '1')
+    elif request.param == 'tensor-cores':
+        monkeypatch.setenv(TENSOR_CORES, '1')
     return request.param
 
 
@@ -148,8 +148,8 @@ def test_fused_forward_backward(case, dtype, path):
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize('case', [CASES[3], CASES[4], CASES[5], CASES[6]], ids=_ids)
 def test_tensor_core_kernels_are_separate_kernels(case, dtype, monkeypatch):
-    """At head dims 16/32/64 in float16/bfloat16 the default forward and backward query side
-    are the tensor-core kernels: they round probabilities (forward) and ds (backward) to the
+    """At head dims 16/32/64 in float16/bfloat16, NAT_MM_CUDA_TENSOR_CORES=1 routes the
+    forward and the backward's query side to the tensor-core kernels: they round probabilities (forward) and ds (backward) to the
     input dtype for the second GEMM, so out and grad_q are close to the CUDA-core kernels'
     but not bit-identical (identical would mean they did not run)."""
     ks, dil = list(case[5]), list(case[6])
@@ -159,8 +159,8 @@ def test_tensor_core_kernels_are_separate_kernels(case, dtype, monkeypatch):
     args = [_cuda(t, dtype) for t in (q, k, v, rpb)]
     go = _cuda(g, dtype)
     results = {}
-    for name, flag in (('tensor cores', '0'), ('cuda cores', '1')):
-        monkeypatch.setenv(NO_TENSOR_CORES, flag)
+    for name, flag in (('tensor cores', '1'), ('cuda cores', '0')):
+        monkeypatch.setenv(TENSOR_CORES, flag)
         out, lse = op('na2d_fused')(*args, ks, dil, scale)
         grads = op('na2d_fused_backward')(go, *args[:3], args[3], out, lse, ks, dil, scale)
         assert_scaled_close(out, out_ref, TOL[dtype], f'out ({name})')

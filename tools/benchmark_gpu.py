@@ -1,10 +1,9 @@
 """GPU benchmark of nat_mm's neighborhood attention against the alternatives.
 
 Methods (all at kernel/window 7, head_dim 32, with a relative position bias unless noted):
-  nat_fused      nat_mm.ops.na2d (fused CUDA kernels, rpb; forward on tensor cores in
-                 float16/bfloat16)
-  nat_fused_cuda_cores  the same with the tensor-core forward switched off
-                 (NAT_MM_CUDA_NO_TENSOR_CORES=1: the CUDA-core tiled forward)
+  nat_fused      nat_mm.ops.na2d (fused CUDA kernels, rpb)
+  nat_fused_tensor_cores  the same with the opt-in tensor-core kernels
+                 (NAT_MM_CUDA_TENSOR_CORES=1: forward and backward query side, fp16/bf16)
   nat_unfused    na2d_qk -> softmax -> na2d_av (attention map in memory, rpb)
   sdpa_window    Swin-style window attention: pad to /7, partition into 7x7 windows,
                  F.scaled_dot_product_attention with the [heads, 49, 49] bias, reverse
@@ -25,6 +24,7 @@ inputs, and ratios nat_fused / other. JSON with --json.
     python tools/benchmark_gpu.py --device cpu --tiny      # smoke test of the harness
 """
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -45,7 +45,7 @@ SHAPES = {
 }
 TINY = {'tiny': (2, [(14, 14), (9, 12)])}
 DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': torch.float32}
-METHODS = ('nat_fused', 'nat_fused_cuda_cores', 'nat_unfused', 'sdpa_window', 'sdpa_window_nobias', 'flex',
+METHODS = ('nat_fused', 'nat_fused_tensor_cores', 'nat_unfused', 'sdpa_window', 'sdpa_window_nobias', 'flex',
            'reference')
 
 
@@ -54,12 +54,26 @@ def nat_fused(q, k, v, rpb, scale):
     return na2d(q, k, v, KERNEL, 1, rpb=rpb, scale=scale)
 
 
-def nat_fused_cuda_cores(q, k, v, rpb, scale):
-    os.environ['NAT_MM_CUDA_NO_TENSOR_CORES'] = '1'  # read by the op at each call
+nat_fused_tensor_cores = nat_fused  # run under METHOD_ENV's switch
+
+# Environment switches a method runs under (the ops read them at each call, so the switch
+# must hold through the backward too).
+METHOD_ENV = {'nat_fused_tensor_cores': {'NAT_MM_CUDA_TENSOR_CORES': '1'}}
+
+
+@contextlib.contextmanager
+def method_env(method):
+    switches = METHOD_ENV.get(method, {})
+    saved = {name: os.environ.get(name) for name in switches}
+    os.environ.update(switches)
     try:
-        return nat_fused(q, k, v, rpb, scale)
+        yield
     finally:
-        del os.environ['NAT_MM_CUDA_NO_TENSOR_CORES']
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def nat_unfused(q, k, v, rpb, scale):
@@ -225,17 +239,19 @@ def profile_kernels(device, dtype=torch.bfloat16):
     rpb = (0.02 * torch.randn(HEADS[0], 2 * KERNEL - 1, 2 * KERNEL - 1, device=device)
            ).to(dtype).requires_grad_()
     grad = torch.randn(shape, device=device, dtype=dtype)
-    for name, fn in (('nat_fused', nat_fused), ('sdpa_window', sdpa_window)):
+    for name, fn in (('nat_fused', nat_fused), ('nat_fused_tensor_cores', nat_fused_tensor_cores),
+                     ('sdpa_window', sdpa_window)):
         def step():
             out = fn(*leaves, rpb, HEAD_DIM ** -0.5)
             torch.autograd.grad(out, (*leaves, rpb), grad)
-        for _ in range(3):
-            step()
-        _sync(device)
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(5):
+        with method_env(name):
+            for _ in range(3):
                 step()
             _sync(device)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(5):
+                    step()
+                _sync(device)
         events = prof.key_averages()
         key = next((k for k in ('self_device_time_total', 'self_cuda_time_total')
                     if hasattr(events[0], k)), None) if len(events) else None
@@ -267,7 +283,7 @@ def markdown_report(summary):
         lines += [f'**{dname}**', '',
                   '| shape | mode | nat_fused ms | TFLOP/s | sdpa_window ms | ratio | '
                   'ratio vs sdpa no bias | ratio vs flex | ratio vs unfused | '
-                  'ratio vs CUDA-core fwd | peak MiB nat / sdpa |',
+                  'ratio vs tensor cores | peak MiB nat / sdpa |',
                   '|---|---|---|---|---|---|---|---|---|---|---|']
         for task, stage in rows:
             for mode in ('fwd', 'fwd+bwd'):
@@ -285,7 +301,7 @@ def markdown_report(summary):
                     f"| {task} s{stage} [{shape}] | {mode} | {nat['ms']:.3f} | "
                     f"{nat['tflops']:.2f} | {sd.get('ms', float('nan')):.3f} | "
                     f"{ratio('sdpa_window')} | {ratio('sdpa_window_nobias')} | {ratio('flex')} | "
-                    f"{ratio('nat_unfused')} | {ratio('nat_fused_cuda_cores')} | "
+                    f"{ratio('nat_unfused')} | {ratio('nat_fused_tensor_cores')} | "
                     f"{nat.get('peak_mib') or 0:.0f} / "
                     f"{sd.get('peak_mib') or 0:.0f} |")
         lines.append('')
@@ -342,14 +358,14 @@ def main(argv=None):
         except Exception as error:  # the profile is a diagnostic: never lose the benchmark
             print(f'profile failed: {type(error).__name__}: {error}')
     records = []
-    fns = {'nat_fused': nat_fused, 'nat_fused_cuda_cores': nat_fused_cuda_cores,
+    fns = {'nat_fused': nat_fused, 'nat_fused_tensor_cores': nat_fused_tensor_cores,
            'nat_unfused': nat_unfused, 'sdpa_window': sdpa_window,
            'sdpa_window_nobias': sdpa_window_nobias, 'reference': reference}
     # Phases in priority order: the fast methods in every dtype first, then flex (one
     # compile per shape), then the slow reference.
     fast = [m for m in methods if m not in ('flex', 'reference')]
-    # the tensor-core forward serves float16/bfloat16 only: in fp32 both are one kernel
-    phases = [(d, [m for m in fast if not (d == 'fp32' and m == 'nat_fused_cuda_cores')])
+    # the tensor-core kernels serve float16/bfloat16 only: in fp32 both are one kernel
+    phases = [(d, [m for m in fast if not (d == 'fp32' and m == 'nat_fused_tensor_cores')])
               for d in dtypes]
     if 'flex' in methods:
         phases += [(d, ['flex']) for d in dtypes if d in flex_dtypes]
@@ -404,10 +420,11 @@ def main(argv=None):
                                 def call():
                                     out = fn(*leaves, scale)
                                     torch.autograd.grad(out, leaves, grad, allow_unused=True)
-                            ms = time_fn(call, device, **timing)
+                            with method_env(method):
+                                ms = time_fn(call, device, **timing)
+                                rec['peak_mib'] = peak_memory_mib(call, device)
                             rec['ms'] = ms
                             rec['tflops'] = flops * (1 if mode == 'fwd' else 3.5) / (ms * 1e-3) / 1e12
-                            rec['peak_mib'] = peak_memory_mib(call, device)
                         except Exception as error:  # OOM, unsupported config, compile failure
                             rec['error'] = f'{type(error).__name__}: {str(error)[:300]}'
                             if device.type == 'cuda':

@@ -114,9 +114,9 @@ import torch
 from nat_mm.ops import na2d, na2d_qk, na2d_av
 from nat_mm.ops.library import op
 
-for path in ('default', 'cuda-cores', 'simple'):
+for path in ('default', 'tensor-cores', 'simple'):
     os.environ['NAT_MM_CUDA_FORCE_SIMPLE'] = '1' if path == 'simple' else '0'
-    os.environ['NAT_MM_CUDA_NO_TENSOR_CORES'] = '1' if path == 'cuda-cores' else '0'
+    os.environ['NAT_MM_CUDA_TENSOR_CORES'] = '1' if path == 'tensor-cores' else '0'
     for dtype in (torch.float32, torch.bfloat16):
         for (b, h, H, W, D, ks, dil) in [(1, 2, 13, 15, 33, (5, 3), (2, 3)),
                                          (1, 2, 19, 22, 32, (7, 5), (1, 2)),

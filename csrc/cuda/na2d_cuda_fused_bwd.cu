@@ -9,7 +9,8 @@
 // grad_k and grad_v are gathered per key (no atomics), so every output is deterministic.
 //
 // The query-side pass has three kernels:
-//  * tensor cores (float16/bfloat16, head_dim 16/32/64/128): na2d_cuda_fused_mma.cu;
+//  * tensor cores (float16/bfloat16, head_dim 16/32/64/128): na2d_cuda_fused_mma.cu, opt-in
+//    (NAT_MM_CUDA_TENSOR_CORES=1) until verified on a GPU;
 //  * tiled (float16/bfloat16/float32, head_dim <= 256, halo fits shared memory): the key
 //    and value halo of a query tile in shared memory, G threads per query, delta, p, ds
 //    and grad_q in one pass;

@@ -4,7 +4,7 @@
 //
 // Three kernels, picked per call:
 //  * tensor cores (float16/bfloat16, sm_80+, head_dim 16/32/64/128, fits shared memory):
-//    na2d_cuda_fused_mma.cu; NAT_MM_CUDA_NO_TENSOR_CORES=1 skips it.
+//    na2d_cuda_fused_mma.cu; opt-in (NAT_MM_CUDA_TENSOR_CORES=1) until verified on a GPU.
 //  * tiled (float16/bfloat16/float32, head_dim <= 256, halo fits shared memory): one block
 //    per tile of queries of one (batch, head) and one dilation residue class. The block
 //    loads the keys and values of the tile's halo (tile + kernel - 1 per axis, on the

@@ -1,5 +1,5 @@
 // Fused neighborhood attention on tensor cores (float16/bfloat16, sm_80+, head_dim
-// 16/32/64/128): the forward, flash-attention style (no attention map in memory), and the
+// 16/32/64/128; opt-in with NAT_MM_CUDA_TENSOR_CORES=1 until verified on a GPU): the forward, flash-attention style (no attention map in memory), and the
 // backward's query side (p, ds and grad_q; the key side stays in na2d_cuda_fused_bwd.cu).
 //
 // A block takes a tile of 8 x 8 queries of one (batch, head) and one dilation residue class
@@ -496,7 +496,7 @@ bool aligned16(const at::Tensor& t) {
 // tensor is 16-byte aligned; false otherwise.
 template <typename F>
 bool with_mma_type(at::ScalarType type, std::initializer_list<at::Tensor> tensors, F&& f) {
-  if (tensor_cores_disabled() || force_simple()) return false;
+  if (!tensor_cores_enabled() || force_simple()) return false;
   for (const at::Tensor& t : tensors) {
     if (!aligned16(t)) return false;
   }
