@@ -318,6 +318,27 @@ __device__ __forceinline__ void warp_store_rows(T* dst, const float* rows, const
   }
 }
 
+// The block walks its tiles (grid-stride), stages each one, and calls
+// body(tile, row_lo, keys, values) for this warp's 16 queries, keys/values pointing at the
+// warp's key range (row_lo halo rows in).
+template <typename M, int D, typename R, typename Body>
+__device__ __forceinline__ void for_each_mma_tile(const M* key, const M* value, const M* query,
+                                                  const M* grad_out, const R* rpb,
+                                                  const MmaSmem<M>& sm, const Geometry& g,
+                                                  const MmaConfig& mc, int warp, Body&& body) {
+  for (int64_t tile = blockIdx.x; tile < mc.tile.total_tiles; tile += gridDim.x) {
+    Tile t;
+    if (!locate_tile(tile, g, mc.tile, t)) continue;  // uniform over the block
+    __syncthreads();  // the previous tile's readers are done
+    stage_mma_tile<M, D>(key, value, query, grad_out, rpb, sm, g, mc, t);
+    __syncthreads();
+    const int row_lo = warp_row_lo(warp, g, t);
+    const int64_t first = int64_t(row_lo) * mc.pitch * mc.stride;
+    body(t, row_lo, static_cast<const M*>(sm.keys + first),
+         static_cast<const M*>(sm.values + first));
+  }
+}
+
 // ------------------------------------------------------------------ forward
 template <typename T, int KD>  // KD = head_dim / 16
 __global__ void __launch_bounds__(kMmaWarps * 32)
@@ -331,19 +352,10 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
   extern __shared__ __align__(128) unsigned char smem_raw[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
   const MmaSmem<M> sm = mma_smem<M>(smem_raw, mc, warp);
-  const M* kg = reinterpret_cast<const M*>(key);
-  const M* vg = reinterpret_cast<const M*>(value);
-  const M* qg = reinterpret_cast<const M*>(query);
-
-  for (int64_t tile = blockIdx.x; tile < mc.tile.total_tiles; tile += gridDim.x) {
-    Tile t;
-    if (!locate_tile(tile, g, mc.tile, t)) continue;  // uniform over the block
-    __syncthreads();  // the previous tile's readers are done
-    stage_mma_tile<M, D>(kg, vg, qg, static_cast<const M*>(nullptr), rpb, sm, g, mc, t);
-    __syncthreads();
-    const int row_lo = warp_row_lo(warp, g, t);
-    const M* keys = sm.keys + row_lo * mc.pitch * mc.stride;
-    const M* values = sm.values + row_lo * mc.pitch * mc.stride;
+  auto in = [](const T* x) { return reinterpret_cast<const M*>(x); };
+  for_each_mma_tile<M, D>(in(key), in(value), in(query), static_cast<const M*>(nullptr), rpb, sm,
+                          g, mc, warp,
+                          [&](const Tile& t, int row_lo, const M* keys, const M* values) {
     warp_scores<M, KD>(sm.queries + warp * 16 * mc.stride, keys, mc, sm.s_w);
     __syncwarp();
     // softmax over each query's window into the zeroed weight block
@@ -368,7 +380,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
     warp_mix<M, KD>(sm.p_w, values, mc, sm.s_w);  // the logits are no longer read
     __syncwarp();
     warp_store_rows<T, D>(out, sm.s_w, sm.row_w, warp, lane, g, mc, t);
-  }
+  });
 #endif
 }
 
@@ -390,21 +402,10 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
   extern __shared__ __align__(128) unsigned char smem_raw[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
   const MmaSmem<M> sm = mma_smem<M>(smem_raw, mc, warp);
-  const M* kg = reinterpret_cast<const M*>(key);
-  const M* vg = reinterpret_cast<const M*>(value);
-  const M* qg = reinterpret_cast<const M*>(query);
-  const M* gg = reinterpret_cast<const M*>(grad_out);
-  const M* og = reinterpret_cast<const M*>(out);
-
-  for (int64_t tile = blockIdx.x; tile < mc.tile.total_tiles; tile += gridDim.x) {
-    Tile t;
-    if (!locate_tile(tile, g, mc.tile, t)) continue;  // uniform over the block
-    __syncthreads();
-    stage_mma_tile<M, D>(kg, vg, qg, gg, rpb, sm, g, mc, t);
-    __syncthreads();
-    const int row_lo = warp_row_lo(warp, g, t);
-    const M* keys = sm.keys + row_lo * mc.pitch * mc.stride;
-    const M* values = sm.values + row_lo * mc.pitch * mc.stride;
+  auto in = [](const T* x) { return reinterpret_cast<const M*>(x); };
+  const M* og = in(out);
+  for_each_mma_tile<M, D>(in(key), in(value), in(query), in(grad_out), rpb, sm, g, mc, warp,
+                          [&](const Tile& t, int row_lo, const M* keys, const M* values) {
     warp_scores<M, KD>(sm.queries + warp * 16 * mc.stride, keys, mc, sm.s_w);
     warp_scores<M, KD>(sm.grads + warp * 16 * mc.stride, values, mc, sm.d_w);
     const LaneQuery lq = lane_query(warp, lane, row_lo, g, mc, t);
@@ -435,7 +436,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
     warp_mix<M, KD>(sm.p_w, keys, mc, sm.s_w);
     __syncwarp();
     warp_store_rows<T, D>(grad_q, sm.s_w, sm.row_w, warp, lane, g, mc, t);
-  }
+  });
 #endif
 }
 
