@@ -41,26 +41,17 @@ struct MmaElement<c10::BFloat16> {
 
 // Explicit conversions (torch builds with the implicit half/bfloat16 conversions disabled).
 template <typename M>
-__device__ __forceinline__ M from_float(float x);
+struct Convert;
 template <>
-__device__ __forceinline__ __half from_float<__half>(float x) {
-  return __float2half_rn(x);
-}
+struct Convert<__half> {
+  static __device__ __forceinline__ __half from(float x) { return __float2half_rn(x); }
+  static __device__ __forceinline__ float to(__half x) { return __half2float(x); }
+};
 template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
-
-template <typename M>
-__device__ __forceinline__ float to_float(M x);
-template <>
-__device__ __forceinline__ float to_float<__half>(__half x) {
-  return __half2float(x);
-}
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) {
-  return __bfloat162float(x);
-}
+struct Convert<__nv_bfloat16> {
+  static __device__ __forceinline__ __nv_bfloat16 from(float x) { return __float2bfloat16_rn(x); }
+  static __device__ __forceinline__ float to(__nv_bfloat16 x) { return __bfloat162float(x); }
+};
 
 __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
@@ -313,7 +304,7 @@ __device__ __forceinline__ void warp_store_rows(T* dst, const float* rows, const
     const float* o = rows + rr * mc.s_ld + c * 8;
     __align__(16) M vals[8];
 #pragma unroll
-    for (int u = 0; u < 8; ++u) vals[u] = from_float<M>(o[u] * f);
+    for (int u = 0; u < 8; ++u) vals[u] = Convert<M>::from(o[u] * f);
     copy16(dst + tile_index(t, g, sh, sw) * D + c * 8, vals);
   }
 }
@@ -371,7 +362,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
                     [&](int, int pos, float s) {
                       const float p = __expf(s - mx);
                       l += p;
-                      prow[pos] = from_float<M>(p);
+                      prow[pos] = Convert<M>::from(p);
                     });
     l += __shfl_xor_sync(0xffffffffu, l, 1);
     if (lq.half == 0) sm.row_w[lq.r] = 1.f / l;
@@ -413,7 +404,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
     const M* grow = sm.grads + (warp * 16 + lq.r) * mc.stride;
     const M* orow = og + lq.index * D;
     float delta = 0.f;
-    for (int d = lq.half; d < D; d += 2) delta += to_float(grow[d]) * to_float(orow[d]);
+    for (int d = lq.half; d < D; d += 2) delta += Convert<M>::to(grow[d]) * Convert<M>::to(orow[d]);
     delta += __shfl_xor_sync(0xffffffffu, delta, 1);
     const float lse_q = lse[lq.index];
     __syncwarp();
@@ -429,7 +420,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
                         p_row[e] = p;
                         ds_row[e] = ds;
                       }
-                      w_row[pos] = from_float<M>(ds);
+                      w_row[pos] = Convert<M>::from(ds);
                     });
     if (lq.half == 0) sm.row_w[lq.r] = scale;
     __syncwarp();
