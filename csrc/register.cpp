@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "cpu/scratch_pool.h"
+#include "mma_layout_check.h"
 #include "na2d_kernels.h"
 
 #define NAT_MM_REGISTER_KERNELS(m, device)                          \
@@ -37,6 +38,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   });
   module.def("release_cpu_scratch", &nat_mm::release_scratch,
              "Free the CPU kernels' cached scratch blocks; returns the bytes freed.");
+  module.def("mma_neighbor_keys", &nat_mm::mma_neighbor_keys,
+             "Key each neighbor of each query reads in the tensor-core kernels' staged halo "
+             "(host walk of their layout, for tests).");
   module.def("cpu_scratch_stats", []() {
     const nat_mm::ScratchStats s = nat_mm::scratch_stats();
     pybind11::dict d;

@@ -24,6 +24,7 @@
 
 #include "na2d_cuda_common.cuh"
 #include "na2d_cuda_tile.cuh"
+#include "na2d_mma_layout.h"
 
 namespace nat_mm {
 namespace cuda_detail {
@@ -55,14 +56,12 @@ struct Convert<__nv_bfloat16> {
 
 __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-constexpr int kMmaWarps = 4;  // 16 queries each
-constexpr int kMmaTile = 8;   // 8 x 8 queries per block
-
+// Shared-memory plan of one launch; pitch, nk and slots are mma_layout's (na2d_mma_layout.h).
 struct MmaConfig {
   TileConfig tile;  // tile grid and largest halo (rows x columns)
-  int pitch;        // halo slots per halo row in shared memory (even: 32-byte alignment)
+  int pitch;        // halo slots per halo row in shared memory
   int stride;       // elements per key / query row in shared memory (head_dim + 8)
-  int nk;           // keys per warp GEMM (multiple of 16)
+  int nk;           // keys per warp GEMM
   int s_ld, p_ld;   // row lengths of the per-warp float blocks and of the weight block
   int slots;        // key / value slots staged per tile
   // byte offsets: keys at 0, then values, queries, grad_out (backward), logits, logit
@@ -86,13 +85,13 @@ inline bool plan_mma(const Geometry& g, int64_t smem_limit, bool backward, MmaCo
   tc.tiles_h = (sub_h + kMmaTile - 1) / kMmaTile;
   tc.tiles_w = (sub_w + kMmaTile - 1) / kMmaTile;
   tc.total_tiles = g.bh * g.dh * g.dw * tc.tiles_h * tc.tiles_w;
-  mc.pitch = (tc.halo_w + 1) / 2 * 2;
+  const MmaLayout lay = mma_layout(tc.halo_h, tc.halo_w, g.kh);
+  mc.pitch = static_cast<int>(lay.pitch);
   mc.stride = static_cast<int>(g.dim) + 8;
-  mc.nk = static_cast<int>(((g.kh + 1) * mc.pitch + 15) / 16 * 16);
+  mc.nk = static_cast<int>(lay.nk);
   mc.s_ld = static_cast<int>(std::max<int64_t>(mc.nk, g.dim)) + 4;
   mc.p_ld = mc.nk + 8;
-  // a warp's key range starts at most (halo_h - kh) rows in and spans nk slots
-  mc.slots = std::max(0, tc.halo_h - static_cast<int>(g.kh)) * mc.pitch + mc.nk;
+  mc.slots = static_cast<int>(lay.slots);
   const int64_t kv = align128(int64_t(mc.slots) * mc.stride * 2);
   const int64_t rows = align128(int64_t(kMmaWarps) * 16 * mc.stride * 2);
   const int64_t block = align128(int64_t(kMmaWarps) * 16 * mc.s_ld * 4);
@@ -207,8 +206,7 @@ struct LaneQuery {
 };
 
 __device__ __forceinline__ int warp_row_lo(int warp, const Geometry& g, const Tile& t) {
-  const int64_t row0 = min64(t.s0h + 2 * warp, t.s1h);
-  return static_cast<int>(sub_window_start(row0, t.len_h, g.kh) - t.k0h);
+  return static_cast<int>(mma_row_lo(warp, t.s0h, t.s1h, t.len_h, g.kh, t.k0h));
 }
 
 __device__ __forceinline__ LaneQuery lane_query(int warp, int lane, int row_lo,
@@ -224,7 +222,8 @@ __device__ __forceinline__ LaneQuery lane_query(int warp, int lane, int row_lo,
   lq.index = tile_index(t, g, sh, sw);
   const int64_t start_h = sub_window_start(sh, t.len_h, g.kh);
   const int64_t start_w = sub_window_start(sw, t.len_w, g.kw);
-  lq.first = static_cast<int>((start_h - t.k0h - row_lo) * mc.pitch + start_w - t.k0w);
+  lq.first = static_cast<int>(mma_first_slot(sh, sw, t.len_h, t.len_w, g.kh, g.kw, t.k0h,
+                                             t.k0w, row_lo, mc.pitch));
   lq.bias0 = (start_h - sh + g.kh - 1) * g.bias_w + (start_w - sw + g.kw - 1);
   return lq;
 }
