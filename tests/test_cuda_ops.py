@@ -15,9 +15,9 @@ import functools
 import pytest
 import torch
 
+from bad_op_calls import IDS, bad_calls
 from nat_mm.ops import backend_info, na2d, na2d_av, na2d_qk
 from nat_mm.ops.library import op
-from bad_op_calls import IDS, bad_calls
 from nat_mm.ops.reference import (na2d_av_reference, na2d_qk_reference, na2d_reference)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
@@ -149,9 +149,10 @@ def test_fused_forward_backward(case, dtype, path):
 @pytest.mark.parametrize('case', [CASES[3], CASES[4], CASES[5], CASES[6]], ids=_ids)
 def test_tensor_core_kernels_are_separate_kernels(case, dtype, monkeypatch):
     """At head dims 16/32/64 in float16/bfloat16, NAT_MM_CUDA_TENSOR_CORES=1 routes the
-    forward and the backward's query side to the tensor-core kernels: they round probabilities (forward) and ds (backward) to the
-    input dtype for the second GEMM, so out and grad_q are close to the CUDA-core kernels'
-    but not bit-identical (identical would mean they did not run)."""
+    forward and the backward's query side to the tensor-core kernels. They round the
+    probabilities (forward) and ds (backward) to the input dtype for the second GEMM, so out
+    and grad_q are close to the CUDA-core kernels' but not bit-identical (identical would
+    mean they did not run)."""
     ks, dil = list(case[5]), list(case[6])
     scale = case[4] ** -0.5
     q, k, v, rpb, g = _base(case, True)
