@@ -281,7 +281,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_fused_backward_c
   const auto dtype = query.scalar_type();
   const auto acc_type = dtype == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor q = query.contiguous(), k = key.contiguous(), v = value.contiguous();
-  const at::Tensor go = grad_out.to(dtype).contiguous(), o = out.to(dtype).contiguous();
+  // grad_out and out have the query's dtype (check_fused_backward_args)
+  const at::Tensor go = grad_out.contiguous(), o = out.contiguous();
   const at::Tensor ls = lse.to(acc_type).contiguous();
   const at::Tensor bias = has_rpb(rpb) ? rpb->contiguous() : at::Tensor();
   const Geometry g = make_geometry(q, q.size(4), kernel_size, dilation);
