@@ -5,6 +5,7 @@ runs with one thread: on an oversubscribed machine two OpenMP threads can make e
 inputs take many seconds, and this is a test of the script, not of the machine.
 """
 import json
+import os
 import os.path as osp
 import subprocess
 import sys
@@ -73,3 +74,45 @@ def test_benchmark_backbone_quick(tmp_path):
     run([BACKBONE, '--quick', '--repeat', '1', '--threads', '1', '--json', str(out)],
         timeout=600)
     check_backbone_json(out, 'quick')
+
+
+GPU_BENCH = osp.join(REPO, 'tools', 'benchmark_gpu.py')
+
+
+def test_benchmark_gpu_harness_on_cpu(tmp_path):
+    """The GPU benchmark's harness on the CPU (--tiny): every method and mode is timed,
+    the JSON has the ratios, and --report turns it into the markdown tables."""
+    out = tmp_path / 'gpu.json'
+    run([GPU_BENCH, '--device', 'cpu', '--tiny', '--quick', '--dtypes', 'bf16,fp32',
+         '--methods', 'nat_fused,nat_fused_tensor_cores,sdpa_window', '--json', str(out)],
+        timeout=600)
+    data = json.loads(out.read_text())
+    timed = {(r['method'], r['dtype'], r['mode']) for r in data['records'] if 'ms' in r}
+    for mode in ('fwd', 'fwd+bwd'):
+        assert ('nat_fused', 'fp32', mode) in timed and ('sdpa_window', 'bf16', mode) in timed
+        assert ('nat_fused_tensor_cores', 'bf16', mode) in timed
+        assert ('nat_fused_tensor_cores', 'fp32', mode) not in timed  # same kernel as nat_fused
+    assert data['ratios'] and not data['stopped_early']
+    report = run([GPU_BENCH, '--report', str(out)], timeout=120).stdout
+    assert '| shape | mode | nat_fused ms |' in report and 'ratio vs tensor cores' in report
+
+
+def test_benchmark_gpu_method_env_is_restored(monkeypatch):
+    """A method's kernel switch holds inside method_env (through the backward) and is
+    restored after it, also when the call raises."""
+    sys.path.insert(0, osp.join(REPO, 'tools'))
+    try:
+        import benchmark_gpu
+    finally:
+        sys.path.pop(0)
+    monkeypatch.delenv('NAT_MM_CUDA_TENSOR_CORES', raising=False)
+    with benchmark_gpu.method_env('nat_fused_tensor_cores'):
+        assert os.environ['NAT_MM_CUDA_TENSOR_CORES'] == '1'
+    assert 'NAT_MM_CUDA_TENSOR_CORES' not in os.environ
+    monkeypatch.setenv('NAT_MM_CUDA_TENSOR_CORES', '0')
+    with pytest.raises(ZeroDivisionError):
+        with benchmark_gpu.method_env('nat_fused_tensor_cores'):
+            1 / 0
+    assert os.environ['NAT_MM_CUDA_TENSOR_CORES'] == '0'
+    with benchmark_gpu.method_env('sdpa_window'):
+        assert os.environ['NAT_MM_CUDA_TENSOR_CORES'] == '0'
