@@ -12,6 +12,59 @@
 #include "na2d_mma_layout.h"
 
 namespace nat_mm {
+namespace {
+
+// One axis of one residue class: its sub-grid length, kernel and largest planned halo.
+struct Axis {
+  int64_t len, kernel, halo, dilation, residue;
+};
+
+// One axis of one tile: sub-grid positions [s0, s1] and its key halo [k0, k0 + n).
+struct AxisTile {
+  int64_t s0, s1, k0, n;
+};
+
+AxisTile axis_tile(int64_t s0, const Axis& a) {
+  AxisTile t{s0, std::min<int64_t>(s0 + kMmaTile, a.len) - 1, 0, 0};
+  t.k0 = sub_window_start(t.s0, a.len, a.kernel);
+  t.n = sub_window_start(t.s1, a.len, a.kernel) + a.kernel - t.k0;
+  TORCH_CHECK(t.n <= a.halo, "mma layout: a tile's halo (", message_int(t.n),
+              ") exceeds the planned one (", message_int(a.halo), ")");
+  return t;
+}
+
+// The key (flat row * width + column) each neighbor of each query of one tile reads,
+// warp by warp and lane pair by lane pair as the kernels do.
+void tile_keys(const AxisTile& y, const AxisTile& x, const Axis& ay, const Axis& ax,
+               int64_t width, const MmaLayout& lay, int64_t* keys) {
+  const int64_t kh = ay.kernel, kw = ax.kernel;
+  for (int warp = 0; warp < kMmaWarps; ++warp) {
+    const int64_t row_lo = mma_row_lo(warp, y.s0, y.s1, ay.len, kh, y.k0);
+    TORCH_CHECK(row_lo >= 0 && row_lo * lay.pitch + lay.nk <= lay.slots,
+                "mma layout: a warp range leaves the staged slots");
+    for (int r = 0; r < 16; ++r) {
+      const int64_t sh = y.s0 + (warp * 16 + r) / kMmaTile;
+      const int64_t sw = x.s0 + (warp * 16 + r) % kMmaTile;
+      if (sh > y.s1 || sw > x.s1) continue;  // a clamped duplicate: writes nothing
+      const int64_t first = mma_first_slot(sub_window_start(sh, ay.len, kh),
+                                           sub_window_start(sw, ax.len, kw), y.k0, x.k0,
+                                           row_lo, lay.pitch);
+      int64_t* q = keys + ((sh * ay.dilation + ay.residue) * width + sw * ax.dilation +
+                           ax.residue) * kh * kw;
+      for (int64_t e = 0; e < kh * kw; ++e) {
+        const int64_t slot = first + (e / kw) * lay.pitch + e % kw;
+        TORCH_CHECK(slot >= 0 && slot < lay.nk, "mma layout: slot outside the GEMM");
+        const int64_t staged = row_lo * lay.pitch + slot;
+        const int64_t hr = staged / lay.pitch, hc = staged % lay.pitch;
+        TORCH_CHECK(hr < y.n && hc < x.n, "mma layout: a neighbor reads a zero slot");
+        q[e] = ((y.k0 + hr) * ay.dilation + ay.residue) * width +
+               (x.k0 + hc) * ax.dilation + ax.residue;
+      }
+    }
+  }
+}
+
+}  // namespace
 
 at::Tensor mma_neighbor_keys(int64_t height, int64_t width, int64_t kh, int64_t kw,
                              int64_t dh, int64_t dw) {
@@ -19,49 +72,17 @@ at::Tensor mma_neighbor_keys(int64_t height, int64_t width, int64_t kh, int64_t 
                   width >= kw * dw,
               "nat_mm: mma_neighbor_keys: the map must hold kernel*dilation");
   at::Tensor out = at::full({height, width, kh * kw}, -1, at::kLong);
-  int64_t* keys = out.data_ptr<int64_t>();
   const int64_t halo_h = std::min<int64_t>(kMmaTile + kh - 1, (height + dh - 1) / dh);
   const int64_t halo_w = std::min<int64_t>(kMmaTile + kw - 1, (width + dw - 1) / dw);
   const MmaLayout lay = mma_layout(halo_h, halo_w, kh);
   for (int64_t ri = 0; ri < dh; ++ri) {
-    const int64_t len_h = subgrid_length(height, dh, ri);
+    const Axis ay{subgrid_length(height, dh, ri), kh, halo_h, dh, ri};
     for (int64_t rj = 0; rj < dw; ++rj) {
-      const int64_t len_w = subgrid_length(width, dw, rj);
-      for (int64_t s0h = 0; s0h < len_h; s0h += kMmaTile) {
-        const int64_t s1h = std::min<int64_t>(s0h + kMmaTile, len_h) - 1;
-        const int64_t k0h = sub_window_start(s0h, len_h, kh);
-        const int64_t nh = sub_window_start(s1h, len_h, kh) + kh - k0h;
-        TORCH_CHECK(nh <= halo_h, "mma layout: halo rows ", message_int(nh), " > ",
-                    message_int(halo_h));
-        for (int64_t s0w = 0; s0w < len_w; s0w += kMmaTile) {
-          const int64_t s1w = std::min<int64_t>(s0w + kMmaTile, len_w) - 1;
-          const int64_t k0w = sub_window_start(s0w, len_w, kw);
-          const int64_t nw = sub_window_start(s1w, len_w, kw) + kw - k0w;
-          TORCH_CHECK(nw <= halo_w, "mma layout: halo columns ", message_int(nw), " > ",
-                      message_int(halo_w));
-          for (int warp = 0; warp < kMmaWarps; ++warp) {
-            const int64_t row_lo = mma_row_lo(warp, s0h, s1h, len_h, kh, k0h);
-            TORCH_CHECK(row_lo >= 0 && row_lo * lay.pitch + lay.nk <= lay.slots,
-                        "mma layout: a warp range leaves the staged slots");
-            for (int r = 0; r < 16; ++r) {
-              const int64_t sh = s0h + (warp * 16 + r) / kMmaTile;
-              const int64_t sw = s0w + (warp * 16 + r) % kMmaTile;
-              if (sh > s1h || sw > s1w) continue;  // a clamped duplicate: writes nothing
-              const int64_t first =
-                  mma_first_slot(sh, sw, len_h, len_w, kh, kw, k0h, k0w, row_lo, lay.pitch);
-              int64_t* q = keys + ((sh * dh + ri) * width + sw * dw + rj) * kh * kw;
-              for (int64_t m = 0; m < kh; ++m) {
-                for (int64_t n = 0; n < kw; ++n) {
-                  const int64_t slot = first + m * lay.pitch + n;
-                  TORCH_CHECK(slot >= 0 && slot < lay.nk, "mma layout: slot outside the GEMM");
-                  const int64_t staged = row_lo * lay.pitch + slot;
-                  const int64_t hr = staged / lay.pitch, hc = staged % lay.pitch;
-                  TORCH_CHECK(hr < nh && hc < nw, "mma layout: a neighbor reads a zero slot");
-                  q[m * kw + n] = ((k0h + hr) * dh + ri) * width + (k0w + hc) * dw + rj;
-                }
-              }
-            }
-          }
+      const Axis ax{subgrid_length(width, dw, rj), kw, halo_w, dw, rj};
+      for (int64_t s0h = 0; s0h < ay.len; s0h += kMmaTile) {
+        for (int64_t s0w = 0; s0w < ax.len; s0w += kMmaTile) {
+          tile_keys(axis_tile(s0h, ay), axis_tile(s0w, ax), ay, ax, width, lay,
+                    out.data_ptr<int64_t>());
         }
       }
     }

@@ -39,13 +39,11 @@ NAT_HOST_DEVICE int64_t mma_row_lo(int warp, int64_t s0h, int64_t s1h, int64_t l
   return sub_window_start(row, len_h, kh) - k0h;
 }
 
-// Slot, within its warp's key range, of neighbor (0, 0) of the query at sub-grid (sh, sw);
-// neighbor (m, n) is that slot + m * pitch + n.
-NAT_HOST_DEVICE int64_t mma_first_slot(int64_t sh, int64_t sw, int64_t len_h, int64_t len_w,
-                                       int64_t kh, int64_t kw, int64_t k0h, int64_t k0w,
-                                       int64_t row_lo, int64_t pitch) {
-  return (sub_window_start(sh, len_h, kh) - k0h - row_lo) * pitch +
-         sub_window_start(sw, len_w, kw) - k0w;
+// Slot, within its warp's key range, of neighbor (0, 0) of a query whose window starts at
+// sub-grid (start_h, start_w); neighbor (m, n) is that slot + m * pitch + n.
+NAT_HOST_DEVICE int64_t mma_first_slot(int64_t start_h, int64_t start_w, int64_t k0h,
+                                       int64_t k0w, int64_t row_lo, int64_t pitch) {
+  return (start_h - k0h - row_lo) * pitch + start_w - k0w;
 }
 
 }  // namespace nat_mm

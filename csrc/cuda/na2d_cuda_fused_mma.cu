@@ -222,8 +222,7 @@ __device__ __forceinline__ LaneQuery lane_query(int warp, int lane, int row_lo,
   lq.index = tile_index(t, g, sh, sw);
   const int64_t start_h = sub_window_start(sh, t.len_h, g.kh);
   const int64_t start_w = sub_window_start(sw, t.len_w, g.kw);
-  lq.first = static_cast<int>(mma_first_slot(sh, sw, t.len_h, t.len_w, g.kh, g.kw, t.k0h,
-                                             t.k0w, row_lo, mc.pitch));
+  lq.first = static_cast<int>(mma_first_slot(start_h, start_w, t.k0h, t.k0w, row_lo, mc.pitch));
   lq.bias0 = (start_h - sh + g.kh - 1) * g.bias_w + (start_w - sw + g.kw - 1);
   return lq;
 }
@@ -308,24 +307,47 @@ __device__ __forceinline__ void warp_store_rows(T* dst, const float* rows, const
   }
 }
 
-// The block walks its tiles (grid-stride), stages each one, and calls
-// body(tile, row_lo, keys, values) for this warp's 16 queries, keys/values pointing at the
-// warp's key range (row_lo halo rows in).
-template <typename M, int D, typename R, typename Body>
-__device__ __forceinline__ void for_each_mma_tile(const M* key, const M* value, const M* query,
-                                                  const M* grad_out, const R* rpb,
-                                                  const MmaSmem<M>& sm, const Geometry& g,
-                                                  const MmaConfig& mc, int warp, Body&& body) {
+// What one warp works on in one tile.
+template <typename M>
+struct WarpTile {
+  MmaSmem<M> sm;       // shared memory, with this warp's blocks
+  int warp, lane;
+  Tile t;
+  LaneQuery lq;        // the query of this lane pair
+  const M* keys;       // the warp's key range (row_lo halo rows into the staged halo)
+  const M* values;
+  const M* queries;    // the warp's 16 staged query rows
+  const M* grads;      // their grad_out rows (backward)
+};
+
+// The block walks its tiles (grid-stride), stages each one (grad_out rows too when given),
+// and calls body(WarpTile) for this warp's 16 queries.
+template <typename T, int D, typename Body>
+__device__ __forceinline__ void for_each_mma_tile(const T* key, const T* value, const T* query,
+                                                  const T* grad_out, const T* rpb,
+                                                  const Geometry& g, const MmaConfig& mc,
+                                                  Body&& body) {
+  using M = typename MmaElement<T>::type;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  auto in = [](const T* x) { return reinterpret_cast<const M*>(x); };
+  WarpTile<M> w;
+  w.warp = threadIdx.x / 32;
+  w.lane = threadIdx.x & 31;
+  w.sm = mma_smem<M>(smem_raw, mc, w.warp);
+  w.queries = w.sm.queries + w.warp * 16 * mc.stride;
+  w.grads = w.sm.grads + w.warp * 16 * mc.stride;
   for (int64_t tile = blockIdx.x; tile < mc.tile.total_tiles; tile += gridDim.x) {
-    Tile t;
-    if (!locate_tile(tile, g, mc.tile, t)) continue;  // uniform over the block
+    if (!locate_tile(tile, g, mc.tile, w.t)) continue;  // uniform over the block
     __syncthreads();  // the previous tile's readers are done
-    stage_mma_tile<M, D>(key, value, query, grad_out, rpb, sm, g, mc, t);
+    stage_mma_tile<M, D>(in(key), in(value), in(query), grad_out ? in(grad_out) : nullptr, rpb,
+                         w.sm, g, mc, w.t);
     __syncthreads();
-    const int row_lo = warp_row_lo(warp, g, t);
+    const int row_lo = warp_row_lo(w.warp, g, w.t);
     const int64_t first = int64_t(row_lo) * mc.pitch * mc.stride;
-    body(t, row_lo, static_cast<const M*>(sm.keys + first),
-         static_cast<const M*>(sm.values + first));
+    w.keys = w.sm.keys + first;
+    w.values = w.sm.values + first;
+    w.lq = lane_query(w.warp, w.lane, row_lo, g, mc, w.t);
+    body(static_cast<const WarpTile<M>&>(w));
   }
 }
 
@@ -339,17 +361,12 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using M = typename MmaElement<T>::type;
   constexpr int D = KD * 16;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
-  const MmaSmem<M> sm = mma_smem<M>(smem_raw, mc, warp);
-  auto in = [](const T* x) { return reinterpret_cast<const M*>(x); };
-  for_each_mma_tile<M, D>(in(key), in(value), in(query), static_cast<const M*>(nullptr), rpb, sm,
-                          g, mc, warp,
-                          [&](const Tile& t, int row_lo, const M* keys, const M* values) {
-    warp_scores<M, KD>(sm.queries + warp * 16 * mc.stride, keys, mc, sm.s_w);
+  for_each_mma_tile<T, D>(key, value, query, nullptr, rpb, g, mc, [&](const WarpTile<M>& w) {
+    const MmaSmem<M>& sm = w.sm;
+    const LaneQuery& lq = w.lq;
+    warp_scores<M, KD>(w.queries, w.keys, mc, sm.s_w);
     __syncwarp();
     // softmax over each query's window into the zeroed weight block
-    const LaneQuery lq = lane_query(warp, lane, row_lo, g, mc, t);
     const bool with_bias = rpb != nullptr;
     float mx = neg_inf<float>();
     for_lane_window(lq, sm.s_w, mc.s_ld, with_bias, sm.bias, g, mc, scale,
@@ -367,9 +384,9 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
     if (lq.half == 0) sm.row_w[lq.r] = 1.f / l;
     if (lq.half == 0 && lq.active) lse[lq.index] = mx + logf(l);
     __syncwarp();
-    warp_mix<M, KD>(sm.p_w, values, mc, sm.s_w);  // the logits are no longer read
+    warp_mix<M, KD>(sm.p_w, w.values, mc, sm.s_w);  // the logits are no longer read
     __syncwarp();
-    warp_store_rows<T, D>(out, sm.s_w, sm.row_w, warp, lane, g, mc, t);
+    warp_store_rows<T, D>(out, sm.s_w, sm.row_w, w.warp, w.lane, g, mc, w.t);
   });
 #endif
 }
@@ -389,19 +406,14 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using M = typename MmaElement<T>::type;
   constexpr int D = KD * 16;
-  extern __shared__ __align__(128) unsigned char smem_raw[];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
-  const MmaSmem<M> sm = mma_smem<M>(smem_raw, mc, warp);
-  auto in = [](const T* x) { return reinterpret_cast<const M*>(x); };
-  const M* og = in(out);
-  for_each_mma_tile<M, D>(in(key), in(value), in(query), in(grad_out), rpb, sm, g, mc, warp,
-                          [&](const Tile& t, int row_lo, const M* keys, const M* values) {
-    warp_scores<M, KD>(sm.queries + warp * 16 * mc.stride, keys, mc, sm.s_w);
-    warp_scores<M, KD>(sm.grads + warp * 16 * mc.stride, values, mc, sm.d_w);
-    const LaneQuery lq = lane_query(warp, lane, row_lo, g, mc, t);
+  for_each_mma_tile<T, D>(key, value, query, grad_out, rpb, g, mc, [&](const WarpTile<M>& w) {
+    const MmaSmem<M>& sm = w.sm;
+    const LaneQuery& lq = w.lq;
+    warp_scores<M, KD>(w.queries, w.keys, mc, sm.s_w);
+    warp_scores<M, KD>(w.grads, w.values, mc, sm.d_w);
     // delta = grad_out . out of the lane pair's query (each lane half of the channels)
-    const M* grow = sm.grads + (warp * 16 + lq.r) * mc.stride;
-    const M* orow = og + lq.index * D;
+    const M* grow = w.grads + lq.r * mc.stride;
+    const M* orow = reinterpret_cast<const M*>(out) + lq.index * D;
     float delta = 0.f;
     for (int d = lq.half; d < D; d += 2) delta += Convert<M>::to(grow[d]) * Convert<M>::to(orow[d]);
     delta += __shfl_xor_sync(0xffffffffu, delta, 1);
@@ -423,9 +435,9 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
                     });
     if (lq.half == 0) sm.row_w[lq.r] = scale;
     __syncwarp();
-    warp_mix<M, KD>(sm.p_w, keys, mc, sm.s_w);
+    warp_mix<M, KD>(sm.p_w, w.keys, mc, sm.s_w);
     __syncwarp();
-    warp_store_rows<T, D>(grad_q, sm.s_w, sm.row_w, warp, lane, g, mc, t);
+    warp_store_rows<T, D>(grad_q, sm.s_w, sm.row_w, w.warp, w.lane, g, mc, w.t);
   });
 #endif
 }
