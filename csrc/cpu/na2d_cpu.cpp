@@ -109,21 +109,15 @@ struct ColumnOrder {
 };
 
 // ------------------------------------------------------------------ window scores
-// x [plane][row][col][C] -> [plane][row][C][position], plus one vector of zeroed slack so
-// that full-width loads at the very end stay in bounds.
+// x [plane][row][col][C] -> [plane][row][C][col], plus one vector of zeroed slack so that
+// full-width loads at the very end stay in bounds (read by key runs without a band kernel).
 template <typename T>
-at::Tensor channels_by_column(const at::Tensor& x, const Geometry& g, const ColumnOrder& order) {
+at::Tensor channels_by_column(const at::Tensor& x, const Geometry& g) {
   constexpr int64_t L = Vec<T>::size();
   const int64_t rows = g.planes * g.H, size = rows * g.D * g.W;
   at::Tensor out = scratch_empty({size + L}, x.options());
   out.narrow(0, size, L).zero_();
-  at::Tensor source = x.view({rows, g.W, g.D});
-  if (order.dilation > 1) {
-    std::vector<int64_t> column_at(g.W);  // inverse of position(): column at each position
-    for (int64_t c = 0; c < g.W; ++c) column_at[order.position(c)] = c;
-    source = source.index_select(1, at::tensor(column_at, x.options().dtype(at::kLong)));
-  }
-  const T* src = source.contiguous().data_ptr<T>();
+  const T* src = x.data_ptr<T>();
   T* dst = out.data_ptr<T>();
   // at::vec's transpose: 16x16 register blocks for float (ATen's strided copy_ of the
   // transposed view took ~12% of the fused backward).
@@ -151,24 +145,24 @@ inline void dot_group(const T* a, const T* const* rows, int64_t channel_stride, 
   for (int i = 0; i < N; ++i) acc[i].store(out[i]);
 }
 
-// scores[m * kw + n] = a . b[key row m, neighbor n] for one query. `scores` needs
-// window() + vector-width entries: chunk stores spill past a row's end and are overwritten
-// by the next row (stores go in increasing order).
+// scores[m * kw + n] = a . b[key row m, neighbor n] for one query; b_rows[m]: window row
+// m, transposed ([C][position], see TransposedRows). `scores` needs window() + vector-width
+// entries: chunk stores spill past a row's end and are overwritten by the next row (stores
+// go in increasing order).
 template <typename T>
-void window_scores(const T* a, const T* b_plane, const AxisWindow& rw, int64_t column_base,
-                   const Geometry& g, T* scores) {
+void window_scores(const T* a, const T* const* b_rows, int64_t column_base, const Geometry& g,
+                   T* scores) {
   constexpr int64_t L = Vec<T>::size();
   constexpr int kGroup = 8;
   const int64_t chunks = (g.kw + L - 1) / L;
   const int64_t total = g.kh * chunks;
-  const int64_t row_stride = g.D * g.W;
   const T* rows[kGroup];
   T* out[kGroup];
   for (int64_t first = 0; first < total; first += kGroup) {
     const int n = static_cast<int>(std::min<int64_t>(kGroup, total - first));
     for (int i = 0; i < n; ++i) {
       const int64_t m = (first + i) / chunks, c = (first + i) % chunks;
-      rows[i] = b_plane + rw.key(m) * row_stride + column_base + c * L;
+      rows[i] = b_rows[m] + column_base + c * L;
       out[i] = scores + m * g.kw + c * L;
     }
     switch (n) {
@@ -634,16 +628,17 @@ inline void run_dot_group(const T* a, int64_t a_stride, const T* b, int64_t b_st
 
 // buf[(m*kw + n)*L + t] = a[query j0 + t] . b[key row m, column j0 + t + (n - kw/2) dw].
 // a_row: the query row of a as it is, [W][C]: the run's queries are transposed into
-// a_block ([C][L], in cache) rather than the whole map; b_plane: the plane of b, [H][C][W].
+// a_block ([C][L], in cache) rather than the whole map; b_rows[m]: window row m of b,
+// transposed in natural column order ([C][W]).
 template <typename T>
-void run_scores(const T* a_row, const T* b_plane, const AxisWindow& rw, int64_t j0,
-                const Geometry& g, T* a_block, T* buf) {
+void run_scores(const T* a_row, const T* const* b_rows, int64_t j0, const Geometry& g,
+                T* a_block, T* buf) {
   constexpr int64_t L = Vec<T>::size();
   at::vec::transpose_mxn<T>(a_row + j0 * g.D, g.D, a_block, L, static_cast<int>(L),
                             static_cast<int>(g.D));
   const int64_t first_column = j0 - (g.kw / 2) * g.dw;
   for (int64_t m = 0; m < g.kh; ++m) {
-    const T* b_row = b_plane + rw.key(m) * g.D * g.W + first_column;
+    const T* b_row = b_rows[m] + first_column;
     for (int64_t n0 = 0; n0 < g.kw; n0 += 8) {
       const T* b = b_row + n0 * g.dw;
       T* out = buf + (m * g.kw + n0) * L;
@@ -781,14 +776,22 @@ struct QueryRow {
   AxisWindow rw;
 };
 
-template <typename F>
-void for_each_query_row(const Geometry& g, F&& body) {
+// Parallel over the query rows of all planes, in order within a thread's chunk; the chunk
+// makes its buffers once (make_state()) and hands them to every body(row, state).
+template <typename MakeState, typename F>
+void for_each_query_row(const Geometry& g, MakeState&& make_state, F&& body) {
   at::parallel_for(0, g.planes * g.H, g.row_grain(), [&](int64_t begin, int64_t end) {
+    auto state = make_state();
     for (int64_t task = begin; task < end; ++task) {
       QueryRow q{task / g.H, task % g.H, axis_window(task % g.H, g.H, g.kh, g.dh)};
-      body(q);
+      body(q, state);
     }
   });
+}
+
+template <typename F>
+void for_each_query_row(const Geometry& g, F&& body) {
+  for_each_query_row(g, [] { return 0; }, [&](const QueryRow& q, int) { body(q); });
 }
 
 // Calls run(j0, repeated) for interior runs of Vec<T>::size() queries of a row, query(j) for
@@ -802,19 +805,94 @@ void walk_row(const Geometry& g, RunFn&& run, QueryFn&& query) {
   walk_blocks(g.W, reach, g.W - 1 - reach, Vec<T>::size(), run, query);
 }
 
-// The operand copies the kernels read: [row][channel][column] in natural column order (for
-// runs) and in residue-class order (for single queries; the same tensor when dw == 1).
+// Transposed copies ([channel][position] + a vector of zeroed slack) of single rows of a
+// [plane][row][col][C] map, made on first use into a small direct-mapped cache of one
+// thread. A query row's window rows are mostly its predecessor's, so each row is copied
+// about once per thread and stays in cache; no whole-map copy is made (a fresh temporary of
+// tens of MB page-faults on every call: ~1/4 of the fused backward at cls stage 1).
 template <typename T>
-struct ColumnMajor {
-  at::Tensor natural, grouped;
-  ColumnMajor(const at::Tensor& x, const Geometry& g, const ColumnOrder& order)
-      : natural(channels_by_column<T>(x, g, ColumnOrder(g.W, 1))),
-        grouped(g.dw == 1 ? natural : channels_by_column<T>(x, g, order)) {}
-  const T* natural_plane(int64_t plane, const Geometry& g) const {
-    return natural.data_ptr<T>() + plane * g.H * g.D * g.W;
+class RowCopies {
+ public:
+  RowCopies(const T* map, const Geometry& g, const ColumnOrder& order)
+      : map_(map), g_(g), slots_((g.kh + 1) * g.dh), size_(g.D * g.W + Vec<T>::size()),
+        tag_(slots_, -1),
+        gathered_(order.dilation > 1 ? g.W * g.D : 0), column_at_(g.W) {
+    for (int64_t c = 0; c < g.W; ++c) column_at_[order.position(c)] = c;
   }
-  const T* grouped_plane(int64_t plane, const Geometry& g) const {
-    return grouped.data_ptr<T>() + plane * g.H * g.D * g.W;
+
+  const T* row(int64_t plane, int64_t row) {
+    const Geometry& g = g_;
+    const int64_t tag = plane * g.H + row, slot = row % slots_;  // rows of one window differ
+    T* dst = data_.data() + slot * size_;                         // in slot (kh*dh < slots)
+    if (tag_[slot] == tag) return dst;
+    if (data_.empty()) {  // first use (a cache may stay unused: grouped when dw == 1)
+      data_.assign(slots_ * size_, T(0));
+      dst = data_.data() + slot * size_;
+    }
+    tag_[slot] = tag;
+    const T* src = map_ + tag * g.W * g.D;
+    if (!gathered_.empty()) {  // residue-class order: gather the columns first
+      for (int64_t pos = 0; pos < g.W; ++pos)
+        std::copy_n(src + column_at_[pos] * g.D, g.D, gathered_.data() + pos * g.D);
+      src = gathered_.data();
+    }
+    at::vec::transpose_mxn<T>(src, g.D, dst, g.W, static_cast<int>(g.W),
+                              static_cast<int>(g.D));
+    return dst;
+  }
+
+ private:
+  const T* map_;
+  const Geometry& g_;
+  const int64_t slots_, size_;
+  std::vector<T> data_;
+  std::vector<int64_t> tag_;
+  std::vector<T> gathered_;
+  std::vector<int64_t> column_at_;
+};
+
+// The window rows of one query row as the score kernels read them: in natural column order
+// (runs) and in residue-class order (single queries; the same copies when dw == 1).
+template <typename T>
+class WindowRows {
+ public:
+  WindowRows(const T* map, const Geometry& g, const ColumnOrder& order)
+      : g_(g), natural_(map, g, ColumnOrder(g.W, 1)), grouped_(map, g, order),
+        has_runs_(g.W - 2 * (g.kw / 2) * g.dw >= Vec<T>::size()), natural_rows_(g.kh),
+        grouped_rows_(g.kh) {}
+
+  void load(int64_t plane, const AxisWindow& rw) {
+    for (int64_t m = 0; m < g_.kh; ++m) {
+      if (has_runs_) natural_rows_[m] = natural_.row(plane, rw.key(m));
+      grouped_rows_[m] = g_.dw == 1 && has_runs_ ? natural_rows_[m] : grouped_.row(plane, rw.key(m));
+    }
+  }
+  const T* const* natural() const { return natural_rows_.data(); }
+  const T* const* grouped() const { return grouped_rows_.data(); }
+
+ private:
+  const Geometry& g_;
+  RowCopies<T> natural_, grouped_;
+  const bool has_runs_;
+  std::vector<const T*> natural_rows_, grouped_rows_;
+};
+
+// The per-thread buffers of the forward ops' query rows (scores of a query or a run, the
+// run's transposed queries and bias, neighbor pointers) and their key-row copies.
+template <typename T>
+struct ForwardRowState {
+  std::vector<T> scores, run, bias, a_block;
+  std::vector<const T*> neighbors;
+  BandScratch<T> band;
+  WindowRows<T> keys;
+  ForwardRowState(const T* key, const Geometry& g, const ColumnOrder& order)
+      : scores(g.window() + Vec<T>::size()), run(g.window() * Vec<T>::size()),
+        bias(g.window(), T(0)), a_block(g.D * Vec<T>::size()), neighbors(g.window()),
+        band(g.kh), keys(key, g, order) {}
+  // Loads the key rows of qr's window and the bias of its runs (zeros without rpb).
+  void start_row(const QueryRow& qr, const T* rpb_head, const Geometry& g) {
+    keys.load(qr.plane, qr.rw);
+    if (rpb_head) run_bias(rpb_head, qr.rw, g, bias.data());
   }
 };
 
@@ -830,8 +908,7 @@ template <typename T>
 struct BackwardInputs {
   const Geometry& g;
   const ColumnOrder& order;
-  const ColumnMajor<T> kt, vt;
-  const T *qp, *kp, *gop, *outp, *lp, *bp;
+  const T *qp, *kp, *vp, *gop, *outp, *lp, *bp;
   T *gqp, *bins;
   const T scale;
   const bool band;
@@ -840,8 +917,8 @@ struct BackwardInputs {
                  const at::Tensor& go, const at::Tensor& o, const at::Tensor& lse,
                  const at::Tensor& bias, const ColumnOrder& order_, const Geometry& g_,
                  double scale_, at::Tensor& grad_q, at::Tensor& partial)
-      : g(g_), order(order_), kt(k, g_, order_), vt(v, g_, order_), qp(q.data_ptr<T>()), kp(k.data_ptr<T>()), gop(go.data_ptr<T>()),
-        outp(o.data_ptr<T>()), lp(lse.data_ptr<T>()), bp(optional_data<T>(bias)),
+      : g(g_), order(order_), qp(q.data_ptr<T>()), kp(k.data_ptr<T>()), vp(v.data_ptr<T>()),
+        gop(go.data_ptr<T>()), outp(o.data_ptr<T>()), lp(lse.data_ptr<T>()), bp(optional_data<T>(bias)),
         gqp(grad_q.data_ptr<T>()), bins(partial.data_ptr<T>()),
         scale(static_cast<T>(scale_)), band(band_supported<T>(g_)) {}
 };
@@ -855,13 +932,16 @@ class BackwardQueryRows {
   explicit BackwardQueryRows(const BackwardInputs<T>& in)
       : in_(in), K2_(in.g.window()), p_(K2_ + L), dp_(K2_ + L), run_p_(K2_ * L),
         run_dp_(K2_ * L), run_bias_row_(K2_), delta_(L), run_bins_(K2_ * L), a_block_(in.g.D * L),
-        neighbors_(K2_), scratch_(in.g.kh) {}
+        neighbors_(K2_), scratch_(in.g.kh), k_rows_(in.kp, in.g, in.order),
+        v_rows_(in.vp, in.g, in.order) {}
 
   void row(int64_t plane, int64_t row, T* p_map, T* ds_map, bool own) {
     const Geometry& g = in_.g;
     const QueryRow qr{plane, row, axis_window(row, g.H, g.kh, g.dh)};
     const T* rpb_head = in_.bp ? in_.bp + (plane % g.heads) * g.bias_bins() : nullptr;
     if (rpb_head) run_bias(rpb_head, qr.rw, g, run_bias_row_.data());
+    k_rows_.load(plane, qr.rw);
+    v_rows_.load(plane, qr.rw);
     // rpb gradient of the row's runs: every run of a row puts neighbor n in the same bias
     // bin, so ds is summed lane-wise over the runs and reduced across lanes once per row.
     std::fill(run_bins_.begin(), run_bins_.end(), T(0));
@@ -876,13 +956,12 @@ class BackwardQueryRows {
       const int64_t base = in_.order.window_base(cw), q_index = row_q0 + j;
       const T* go = in_.gop + q_index * g.D;
       // p = exp(logits - lse), recomputed.
-      window_scores(in_.qp + q_index * g.D, in_.kt.grouped_plane(plane, g), qr.rw, base, g,
-                    p_.data());
+      window_scores(in_.qp + q_index * g.D, k_rows_.grouped(), base, g, p_.data());
       scale_in_place(p_.data(), K2_, in_.scale);
       if (rpb_head) add_bias(p_.data(), rpb_head, qr.rw, cw, g);
       exp_shifted(p_.data(), K2_, in_.lp[q_index]);
       // dp = grad_out . v[neighbor];  ds = p * (dp - grad_out . out)
-      window_scores(go, in_.vt.grouped_plane(plane, g), qr.rw, base, g, dp_.data());
+      window_scores(go, v_rows_.grouped(), base, g, dp_.data());
       const T d = dot(go, in_.outp + q_index * g.D, g.D);
       T* ds = dp_.data();
       for (int64_t n = 0; n < K2_; ++n) ds[n] = p_[n] * (dp_[n] - d);
@@ -915,12 +994,12 @@ class BackwardQueryRows {
     using V = Vec<T>;
     const Geometry& g = in_.g;
     const int64_t row_q0 = (qr.plane * g.H + qr.row) * g.W;
-    run_scores(in_.qp + row_q0 * g.D, in_.kt.natural_plane(qr.plane, g), qr.rw, j0, g,
-               a_block_.data(), run_p_.data());
+    run_scores(in_.qp + row_q0 * g.D, k_rows_.natural(), j0, g, a_block_.data(),
+               run_p_.data());
     run_probabilities(run_p_.data(), K2_, rpb_head ? run_bias_row_.data() : nullptr,
                       in_.scale, in_.lp + row_q0 + j0);
-    run_scores(in_.gop + row_q0 * g.D, in_.vt.natural_plane(qr.plane, g), qr.rw, j0, g,
-               a_block_.data(), run_dp_.data());
+    run_scores(in_.gop + row_q0 * g.D, v_rows_.natural(), j0, g, a_block_.data(),
+               run_dp_.data());
     for (int64_t t = 0; t < L; ++t) {
       const int64_t q_index = row_q0 + j0 + t;
       delta_[t] = dot(in_.gop + q_index * g.D, in_.outp + q_index * g.D, g.D);
@@ -962,6 +1041,7 @@ class BackwardQueryRows {
   std::vector<T> p_, dp_, run_p_, run_dp_, run_bias_row_, delta_, run_bins_, a_block_;
   std::vector<const T*> neighbors_;
   BandScratch<T> scratch_;
+  WindowRows<T> k_rows_, v_rows_;
 };
 
 // The fused backward's parallel work: (plane, row residue) units, each split into
@@ -994,27 +1074,26 @@ at::Tensor na2d_qk_cpu(const at::Tensor& query, const at::Tensor& key,
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "nat_mm_na2d_qk_cpu", [&] {
     using T = scalar_t;
     constexpr int64_t L = Vec<T>::size();
-    const ColumnMajor<T> kt(k, g, order);
-    const T *qp = q.data_ptr<T>(), *bp = optional_data<T>(bias);
+    const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *bp = optional_data<T>(bias);
     T* out = attn.data_ptr<T>();
     const int64_t K2 = g.window();
-    for_each_query_row(g, [&](const QueryRow& qr) {
-      std::vector<T> scores(K2 + L), run(K2 * L), run_bias_row(K2, T(0)), a_block(g.D * L);
+    auto make_state = [&] { return ForwardRowState<T>(kp, g, order); };
+    for_each_query_row(g, make_state, [&](const QueryRow& qr, ForwardRowState<T>& st) {
       const T* rpb_head = bp ? bp + (qr.plane % g.heads) * g.bias_bins() : nullptr;
-      if (rpb_head) run_bias(rpb_head, qr.rw, g, run_bias_row.data());
+      st.start_row(qr, rpb_head, g);
       const int64_t row_q0 = (qr.plane * g.H + qr.row) * g.W;
       walk_row<T>(g, [&](int64_t j0, int64_t /*repeated*/) {
-        run_scores(qp + row_q0 * g.D, kt.natural_plane(qr.plane, g), qr.rw, j0, g,
-                   a_block.data(), run.data());
+        run_scores(qp + row_q0 * g.D, st.keys.natural(), j0, g, st.a_block.data(),
+                   st.run.data());
         T* dst = out + (row_q0 + j0) * K2;
         for (int64_t n = 0; n < K2; ++n)
-          for (int64_t t = 0; t < L; ++t) dst[t * K2 + n] = run[n * L + t] + run_bias_row[n];
+          for (int64_t t = 0; t < L; ++t) dst[t * K2 + n] = st.run[n * L + t] + st.bias[n];
       }, [&](int64_t j) {
         const AxisWindow cw = axis_window(j, g.W, g.kw, g.dw);
-        window_scores(qp + (row_q0 + j) * g.D, kt.grouped_plane(qr.plane, g), qr.rw,
-                      order.window_base(cw), g, scores.data());
-        if (rpb_head) add_bias(scores.data(), rpb_head, qr.rw, cw, g);
-        std::copy(scores.begin(), scores.begin() + K2, out + (row_q0 + j) * K2);
+        window_scores(qp + (row_q0 + j) * g.D, st.keys.grouped(), order.window_base(cw), g,
+                      st.scores.data());
+        if (rpb_head) add_bias(st.scores.data(), rpb_head, qr.rw, cw, g);
+        std::copy_n(st.scores.begin(), K2, out + (row_q0 + j) * K2);
       });
     });
   });
@@ -1055,7 +1134,7 @@ at::Tensor na2d_inverse_cpu(const at::Tensor& weights, const at::Tensor& source,
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "nat_mm_na2d_inverse_cpu", [&] {
     using T = scalar_t;
     const at::Tensor a_t =  // read by key runs without a band kernel only
-        band_supported<T>(g) ? at::Tensor() : channels_by_column<T>(a, g, ColumnOrder(g.W, 1));
+        band_supported<T>(g) ? at::Tensor() : channels_by_column<T>(a, g);
     inverse_sum(w.data_ptr<T>(), a.data_ptr<T>(), optional_data<T>(a_t), g, out.data_ptr<T>());
   });
   return out.to(source.scalar_type());
@@ -1099,44 +1178,42 @@ std::tuple<at::Tensor, at::Tensor> na2d_fused_cpu(const at::Tensor& query,
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "nat_mm_na2d_fused_cpu", [&] {
     using T = scalar_t;
     constexpr int64_t L = Vec<T>::size();
-    const ColumnMajor<T> kt(k, g, order);
-    const T *qp = q.data_ptr<T>(), *vp = v.data_ptr<T>(), *bp = optional_data<T>(bias);
+    const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
+    const T* bp = optional_data<T>(bias);
     T *op = out.data_ptr<T>(), *lp = lse.data_ptr<T>();
     const T s = static_cast<T>(scale);
     const int64_t K2 = g.window();
     const bool band = band_supported<T>(g);
-    for_each_query_row(g, [&](const QueryRow& qr) {
-      std::vector<T> probs(K2 + L), run(K2 * L), run_bias_row(K2), a_block(g.D * L);
-      std::vector<const T*> neighbors(K2);
-      BandScratch<T> scratch(g.kh);
+    auto make_state = [&] { return ForwardRowState<T>(kp, g, order); };
+    for_each_query_row(g, make_state, [&](const QueryRow& qr, ForwardRowState<T>& st) {
       const T* rpb_head = bp ? bp + (qr.plane % g.heads) * g.bias_bins() : nullptr;
-      if (rpb_head) run_bias(rpb_head, qr.rw, g, run_bias_row.data());
+      st.start_row(qr, rpb_head, g);
       const T* v_plane = vp + qr.plane * g.H * g.W * g.D;
       const int64_t row_q0 = (qr.plane * g.H + qr.row) * g.W;
       // out[q] = sum_n p[n * stride] v[neighbor n of query j]
       auto attend = [&](int64_t j, const T* p, int64_t stride) {
-        neighbor_rows(v_plane, qr.rw, axis_window(j, g.W, g.kw, g.dw), g, neighbors.data());
-        weighted_sum(p, neighbors.data(), K2, g.D, op + (row_q0 + j) * g.D, stride);
+        neighbor_rows(v_plane, qr.rw, axis_window(j, g.W, g.kw, g.dw), g, st.neighbors.data());
+        weighted_sum(p, st.neighbors.data(), K2, g.D, op + (row_q0 + j) * g.D, stride);
       };
       walk_row<T>(g, [&](int64_t j0, int64_t /*repeated*/) {
-        run_scores(qp + row_q0 * g.D, kt.natural_plane(qr.plane, g), qr.rw, j0, g,
-                   a_block.data(), run.data());
-        run_softmax(run.data(), K2, rpb_head ? run_bias_row.data() : nullptr, s,
-                    lp + row_q0 + j0);
+        T* run = st.run.data();
+        run_scores(qp + row_q0 * g.D, st.keys.natural(), j0, g, st.a_block.data(), run);
+        run_softmax(run, K2, rpb_head ? st.bias.data() : nullptr, s, lp + row_q0 + j0);
         if (band) {
-          band_run(query_band(run.data(), g.kw * L, 1, L, v_plane, qr.rw, j0, g, scratch), g,
-                   op + (row_q0 + j0) * g.D, scratch);
+          band_run(query_band(run, g.kw * L, 1, L, v_plane, qr.rw, j0, g, st.band), g,
+                   op + (row_q0 + j0) * g.D, st.band);
         } else {
-          for (int64_t t = 0; t < L; ++t) attend(j0 + t, run.data() + t, L);
+          for (int64_t t = 0; t < L; ++t) attend(j0 + t, run + t, L);
         }
       }, [&](int64_t j) {
         const AxisWindow cw = axis_window(j, g.W, g.kw, g.dw);
-        window_scores(qp + (row_q0 + j) * g.D, kt.grouped_plane(qr.plane, g), qr.rw,
-                      order.window_base(cw), g, probs.data());
-        scale_in_place(probs.data(), K2, s);
-        if (rpb_head) add_bias(probs.data(), rpb_head, qr.rw, cw, g);
-        lp[row_q0 + j] = softmax_in_place(probs.data(), K2);
-        attend(j, probs.data(), 1);
+        T* probs = st.scores.data();
+        window_scores(qp + (row_q0 + j) * g.D, st.keys.grouped(), order.window_base(cw), g,
+                      probs);
+        scale_in_place(probs, K2, s);
+        if (rpb_head) add_bias(probs, rpb_head, qr.rw, cw, g);
+        lp[row_q0 + j] = softmax_in_place(probs, K2);
+        attend(j, probs, 1);
       });
     });
   });
@@ -1166,9 +1243,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_fused_backward_c
     const std::vector<int64_t> col_starts = window_starts(g.W, g.kw, g.dw);
     const T *qp = q.data_ptr<T>(), *gop = go.data_ptr<T>();
     // [row][C][col] copies of q and grad_out for key runs without a band kernel
-    const ColumnOrder natural(g.W, 1);
-    const at::Tensor q_t = in.band ? at::Tensor() : channels_by_column<T>(q, g, natural);
-    const at::Tensor go_t = in.band ? at::Tensor() : channels_by_column<T>(go, g, natural);
+    const at::Tensor q_t = in.band ? at::Tensor() : channels_by_column<T>(q, g);
+    const at::Tensor go_t = in.band ? at::Tensor() : channels_by_column<T>(go, g);
     const T *qt = optional_data<T>(q_t), *got = optional_data<T>(go_t);
     T *gkp = grad_k.data_ptr<T>(), *gvp = grad_v.data_ptr<T>();
     const BackwardSegments seg(g);
