@@ -31,6 +31,7 @@
 #include "na2d_index.h"
 #include "na2d_kernels.h"
 #include "scratch_pool.h"
+#include "transpose.h"
 
 namespace nat_mm {
 
@@ -109,26 +110,29 @@ struct ColumnOrder {
 };
 
 // ------------------------------------------------------------------ window scores
+// Every row of x [rows][W][X] transposed to [X][W], plus `slack` zeroed elements at the end.
+// Register-block transposes (ATen's strided copy_ of the transposed view took ~12% of the
+// fused backward).
+template <typename T>
+at::Tensor transposed_rows(const at::Tensor& x, int64_t rows, int64_t W, int64_t X,
+                           int64_t slack = 0) {
+  const int64_t size = rows * X * W;
+  at::Tensor out = scratch_empty({size + slack}, x.options());
+  if (slack > 0) out.narrow(0, size, slack).zero_();
+  const T* src = x.data_ptr<T>();
+  T* dst = out.data_ptr<T>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, W * X)),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) transpose(src + r * W * X, X, dst + r * X * W, W, W, X);
+  });
+  return out;
+}
+
 // x [plane][row][col][C] -> [plane][row][C][col], plus one vector of zeroed slack so that
 // full-width loads at the very end stay in bounds (read by key runs without a band kernel).
 template <typename T>
 at::Tensor channels_by_column(const at::Tensor& x, const Geometry& g) {
-  constexpr int64_t L = Vec<T>::size();
-  const int64_t rows = g.planes * g.H, size = rows * g.D * g.W;
-  at::Tensor out = scratch_empty({size + L}, x.options());
-  out.narrow(0, size, L).zero_();
-  const T* src = x.data_ptr<T>();
-  T* dst = out.data_ptr<T>();
-  // at::vec's transpose: 16x16 register blocks for float (ATen's strided copy_ of the
-  // transposed view took ~12% of the fused backward).
-  at::parallel_for(0, rows, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, g.W * g.D)),
-                   [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      at::vec::transpose_mxn<T>(src + r * g.W * g.D, g.D, dst + r * g.D * g.W, g.W,
-                                static_cast<int>(g.W), static_cast<int>(g.D));
-    }
-  });
-  return out;
+  return transposed_rows<T>(x, g.planes * g.H, g.W, g.D, Vec<T>::size());
 }
 
 // N accumulators (window row, column chunk) of one query: acc[a] += a[ch] * b_a[ch].
@@ -146,7 +150,7 @@ inline void dot_group(const T* a, const T* const* rows, int64_t channel_stride, 
 }
 
 // scores[m * kw + n] = a . b[key row m, neighbor n] for one query; b_rows[m]: window row
-// m, transposed ([C][position], see TransposedRows). `scores` needs window() + vector-width
+// m, transposed ([C][position], see RowCopies). `scores` needs window() + vector-width
 // entries: chunk stores spill past a row's end and are overwritten by the next row (stores
 // go in increasing order).
 template <typename T>
@@ -566,9 +570,9 @@ void inverse_sum(const T* w, const T* a, const T* a_t, const Geometry& g, T* out
 }
 
 // [plane][row][col][n] -> [plane][row][n][col], the layout inverse_sum reads.
+template <typename T>
 at::Tensor neighbor_major(const at::Tensor& w, const Geometry& g) {
-  return scratch_empty({g.planes * g.H, g.window(), g.W}, w.options())
-      .copy_(w.view({g.planes * g.H, g.W, g.window()}).transpose(1, 2));
+  return transposed_rows<T>(w, g.planes * g.H, g.W, g.window());
 }
 
 // ------------------------------------------------------------------ rpb gradient
@@ -634,8 +638,7 @@ template <typename T>
 void run_scores(const T* a_row, const T* const* b_rows, int64_t j0, const Geometry& g,
                 T* a_block, T* buf) {
   constexpr int64_t L = Vec<T>::size();
-  at::vec::transpose_mxn<T>(a_row + j0 * g.D, g.D, a_block, L, static_cast<int>(L),
-                            static_cast<int>(g.D));
+  transpose(a_row + j0 * g.D, g.D, a_block, L, L, g.D);
   const int64_t first_column = j0 - (g.kw / 2) * g.dw;
   for (int64_t m = 0; m < g.kh; ++m) {
     const T* b_row = b_rows[m] + first_column;
@@ -836,8 +839,7 @@ class RowCopies {
         std::copy_n(src + column_at_[pos] * g.D, g.D, gathered_.data() + pos * g.D);
       src = gathered_.data();
     }
-    at::vec::transpose_mxn<T>(src, g.D, dst, g.W, static_cast<int>(g.W),
-                              static_cast<int>(g.D));
+    transpose(src, g.D, dst, g.W, g.W, g.D);
     return dst;
   }
 
@@ -1129,13 +1131,15 @@ at::Tensor na2d_inverse_cpu(const at::Tensor& weights, const at::Tensor& source,
                             at::IntArrayRef kernel_size, at::IntArrayRef dilation) {
   check_weights_args(weights, "weights", source, "source", kernel_size, dilation);
   const Geometry g(source, kernel_size, dilation);
-  const at::Tensor w = neighbor_major(as_compute(weights), g), a = as_compute(source);
+  const at::Tensor w = as_compute(weights), a = as_compute(source);
   at::Tensor out = scratch_empty(a.sizes(), a.options());
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "nat_mm_na2d_inverse_cpu", [&] {
     using T = scalar_t;
     const at::Tensor a_t =  // read by key runs without a band kernel only
         band_supported<T>(g) ? at::Tensor() : channels_by_column<T>(a, g);
-    inverse_sum(w.data_ptr<T>(), a.data_ptr<T>(), optional_data<T>(a_t), g, out.data_ptr<T>());
+    const at::Tensor w_n = neighbor_major<T>(w, g);
+    inverse_sum(w_n.data_ptr<T>(), a.data_ptr<T>(), optional_data<T>(a_t), g,
+                out.data_ptr<T>());
   });
   return out.to(source.scalar_type());
 }
