@@ -457,18 +457,33 @@ class InverseRows {
  public:
   InverseRows(const Geometry& g, const std::vector<int64_t>& row_starts,
               const std::vector<int64_t>& col_starts)
-      : g_(g), row_starts_(row_starts), col_starts_(col_starts), band_(band_supported<T>(g)),
-        rows_(g.kh), cols_(g.kw), weights_(4 * g.window()), block_(g.D * Vec<T>::size()),
-        sources_(4 * g.window()), w_at_(4 * g.window()), w_row_(2 * g.kh),
-        a_offset_(4 * g.window()), scratch_(g.kh) {}
+      : g_(g), row_starts_(row_starts), band_(band_supported<T>(g)), rows_(g.kh),
+        weights_(4 * g.window()), block_(g.D * Vec<T>::size()), sources_(4 * g.window()),
+        w_at_(4 * g.window()), w_row_(2 * g.kh), a_row_(2 * g.kh), a_offset_(4 * g.window()),
+        scratch_(g.kh), column_first_(g.W + 1) {
+    // The (query column, neighbor) pairs that reach each key column, as offsets into a
+    // weight row [K2][W] and a source row [W][C]: looked up, not recomputed, per key.
+    InverseAxis cols(g.kw);
+    for (int64_t c = 0; c < g.W; ++c) {
+      column_first_[c] = static_cast<int64_t>(column_w_.size());
+      cols.fill(c, g.W, g.kw, g.dw, col_starts);
+      for (int64_t x = 0; x < cols.count; ++x) {
+        column_w_.push_back(cols.neighbor[x] * g.W + cols.query[x]);
+        column_a_.push_back(cols.query[x] * g.D);
+      }
+    }
+    column_first_[g.W] = static_cast<int64_t>(column_w_.size());
+  }
 
   template <typename WeightRows>
   void row(int64_t p, int64_t r, WeightRows&& w_rows, const T* a, const T* a_t, T* out_row) {
     const Geometry& g = g_;
     const int64_t half = g.kw / 2;
     rows_.fill(r, g.H, g.kh, g.dh, row_starts_);
-    for (int64_t y = 0; y < rows_.count; ++y)  // the weights of query row y, window row m
+    for (int64_t y = 0; y < rows_.count; ++y) {  // query row y: its weights of window row m
       w_row_[y] = w_rows(rows_.query[y]) + rows_.neighbor[y] * g.kw * g.W;
+      a_row_[y] = a + (p * g.H + rows_.query[y]) * g.W * g.D;
+    }
     // Keys in [kw, W - 1 - kw] are seen by unclamped queries only (one per neighbor): bands
     // of X of them, or vector-lane key runs without a band kernel.
     constexpr int64_t X = band_outputs<T>();
@@ -476,22 +491,22 @@ class InverseRows {
     // key c + i, term t: query column c + i + t - half, neighbor kw - 1 - t
     auto band = [&](int64_t c, int64_t /*repeated*/) {
       for (int64_t y = 0; y < rows_.count; ++y) {
-        const int64_t qi = p * g.H + rows_.query[y];
         scratch_.row_w[y] = w_row_[y] + (g.kw - 1) * g.W + c - half;
-        scratch_.row_s[y] = a + (qi * g.W + c - half) * g.D;
+        scratch_.row_s[y] = a_row_[y] + (c - half) * g.D;
       }
       band_run(BandRows{rows_.count, 1, 1 - g.W, g.D}, g, out_row + c * g.D, scratch_, X);
     };
     auto run = [&](int64_t c, int64_t /*repeated*/) { key_run(p, c, a_t, out_row); };
     auto single = [&](int64_t c) {
-      cols_.fill(c, g.W, g.kw, g.dw, col_starts_);
+      const int64_t first = column_first_[c], count = column_first_[c + 1] - first;
+      const int64_t* w_offset = column_w_.data() + first;
+      const int64_t* a_offset = column_a_.data() + first;
       int64_t terms = 0;
       for (int64_t y = 0; y < rows_.count; ++y) {
-        const int64_t qi = p * g.H + rows_.query[y];
-        const T* w_row = w_row_[y];
-        for (int64_t x = 0; x < cols_.count; ++x, ++terms) {
-          weights_[terms] = w_row[cols_.neighbor[x] * g.W + cols_.query[x]];
-          sources_[terms] = a + (qi * g.W + cols_.query[x]) * g.D;
+        const T *w_row = w_row_[y], *a_row = a_row_[y];
+        for (int64_t x = 0; x < count; ++x, ++terms) {
+          weights_[terms] = w_row[w_offset[x]];
+          sources_[terms] = a_row + a_offset[x];
         }
       }
       weighted_sum(weights_.data(), sources_.data(), terms, g.D, out_row + c * g.D);
@@ -543,13 +558,13 @@ class InverseRows {
 
   const Geometry& g_;
   const std::vector<int64_t>& row_starts_;
-  const std::vector<int64_t>& col_starts_;
   const bool band_;
-  InverseAxis rows_, cols_;
+  InverseAxis rows_;
   std::vector<T> weights_, block_;
-  std::vector<const T*> sources_, w_at_, w_row_;
+  std::vector<const T*> sources_, w_at_, w_row_, a_row_;
   std::vector<int64_t> a_offset_;
   BandScratch<T> scratch_;
+  std::vector<int64_t> column_first_, column_w_, column_a_;
 };
 
 // The inverse sums of whole maps: w [plane][row][K2][W]. Parallel over key rows.
