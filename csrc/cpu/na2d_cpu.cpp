@@ -135,51 +135,72 @@ at::Tensor channels_by_column(const at::Tensor& x, const Geometry& g) {
   return transposed_rows<T>(x, g.planes * g.H, g.W, g.D, Vec<T>::size());
 }
 
-// N accumulators (window row, column chunk) of one query: acc[a] += a[ch] * b_a[ch].
-template <int N, typename T>
-inline void dot_group(const T* a, const T* const* rows, int64_t channel_stride, int64_t D,
-                      T* const* out) {
-  Vec<T> acc[N];
-  for (int i = 0; i < N; ++i) acc[i] = Vec<T>(T(0));
-  for (int64_t ch = 0; ch < D; ++ch) {
-    const Vec<T> av(a[ch]);
-    const int64_t offset = ch * channel_stride;
-    for (int i = 0; i < N; ++i) acc[i] = at::vec::fmadd(av, Vec<T>::loadu(rows[i] + offset), acc[i]);
+// Calls f(std::integral_constant<int, N>{}) with N = n, for 1 <= n <= Max: a runtime count
+// to a kernel unrolled at compile time.
+template <int Max, typename F>
+inline void with_count(int64_t n, F&& f) {
+  if constexpr (Max > 1) {
+    if (n < Max) return with_count<Max - 1>(n, std::forward<F>(f));
   }
-  for (int i = 0; i < N; ++i) acc[i].store(out[i]);
+  f(std::integral_constant<int, Max>{});
 }
 
-// scores[m * kw + n] = a . b[key row m, neighbor n] for one query; b_rows[m]: window row
-// m, transposed ([C][position], see RowCopies). `scores` needs window() + vector-width
-// entries: chunk stores spill past a row's end and are overwritten by the next row (stores
-// go in increasing order).
-template <typename T>
-void window_scores(const T* a, const T* const* b_rows, int64_t column_base, const Geometry& g,
-                   T* scores) {
-  constexpr int64_t L = Vec<T>::size();
-  constexpr int kGroup = 8;
-  const int64_t chunks = (g.kw + L - 1) / L;
-  const int64_t total = g.kh * chunks;
-  const T* rows[kGroup];
-  T* out[kGroup];
-  for (int64_t first = 0; first < total; first += kGroup) {
-    const int n = static_cast<int>(std::min<int64_t>(kGroup, total - first));
-    for (int i = 0; i < n; ++i) {
-      const int64_t m = (first + i) / chunks, c = (first + i) % chunks;
-      rows[i] = b_rows[m] + column_base + c * L;
-      out[i] = scores + m * g.kw + c * L;
-    }
-    switch (n) {
-      case 8: dot_group<8>(a, rows, g.W, g.D, out); break;
-      case 7: dot_group<7>(a, rows, g.W, g.D, out); break;
-      case 6: dot_group<6>(a, rows, g.W, g.D, out); break;
-      case 5: dot_group<5>(a, rows, g.W, g.D, out); break;
-      case 4: dot_group<4>(a, rows, g.W, g.D, out); break;
-      case 3: dot_group<3>(a, rows, g.W, g.D, out); break;
-      case 2: dot_group<2>(a, rows, g.W, g.D, out); break;
-      default: dot_group<1>(a, rows, g.W, g.D, out); break;
+// Q queries x N accumulators (window row, column chunk): acc[q][i] += a_q[ch] * b_i[ch].
+// Queries with the same window share every key load.
+template <int Q, int N, typename T>
+inline void dot_group(const T* const* a, const T* const* rows, int64_t channel_stride,
+                      int64_t D, T* const* out, int64_t out_stride) {
+  Vec<T> acc[Q][N];
+  for (int q = 0; q < Q; ++q)
+    for (int i = 0; i < N; ++i) acc[q][i] = Vec<T>(T(0));
+  // Row offsets from one base, so the loop keeps one pointer and N offsets in registers
+  // (N pointers advanced separately were spilled to the stack).
+  const T* base = rows[0];
+  int64_t off[N];
+  for (int i = 0; i < N; ++i) off[i] = rows[i] - base;
+  for (int64_t ch = 0; ch < D; ++ch, base += channel_stride) {
+    Vec<T> av[Q];
+    for (int q = 0; q < Q; ++q) av[q] = Vec<T>(a[q][ch]);
+    for (int i = 0; i < N; ++i) {
+      const Vec<T> bv = Vec<T>::loadu(base + off[i]);
+      for (int q = 0; q < Q; ++q) acc[q][i] = at::vec::fmadd(av[q], bv, acc[q][i]);
     }
   }
+  for (int q = 0; q < Q; ++q)
+    for (int i = 0; i < N; ++i) acc[q][i].store(out[i] + q * out_stride);
+}
+
+// Queries one window serves at once (window_scores): their accumulators and one key vector
+// per window row stay within the 32 vector registers.
+constexpr int64_t kWindowQueries = 4;
+
+// scores[q * stride + m * kw + n] = a[q] . b[key row m, neighbor n] for Q <= kWindowQueries
+// queries that share one window; b_rows[m]: window row m, transposed ([C][position], see
+// RowCopies). Each query's scores need window() + vector-width entries: chunk stores spill
+// past a row's end and are overwritten by the next row (stores go in increasing order).
+template <typename T>
+void window_scores(const T* const* a, int64_t queries, const T* const* b_rows,
+                   int64_t column_base, const Geometry& g, T* scores, int64_t stride) {
+  constexpr int64_t L = Vec<T>::size();
+  const int64_t chunks = (g.kw + L - 1) / L;
+  const int64_t total = g.kh * chunks;
+  with_count<kWindowQueries>(queries, [&](auto q_count) {
+    constexpr int Q = decltype(q_count)::value;
+    constexpr int kGroup = Q <= 2 ? 8 : 24 / Q;
+    const T* rows[kGroup];
+    T* out[kGroup];
+    for (int64_t first = 0; first < total; first += kGroup) {
+      const int64_t n = std::min<int64_t>(kGroup, total - first);
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t m = (first + i) / chunks, c = (first + i) % chunks;
+        rows[i] = b_rows[m] + column_base + c * L;
+        out[i] = scores + m * g.kw + c * L;
+      }
+      with_count<kGroup>(n, [&](auto n_count) {
+        dot_group<Q, decltype(n_count)::value>(a, rows, g.W, g.D, out, stride);
+      });
+    }
+  });
 }
 
 // scores[m * kw + n] += rpb[head, bias row of m, bias column of n].
@@ -812,15 +833,37 @@ void for_each_query_row(const Geometry& g, F&& body) {
   for_each_query_row(g, [] { return 0; }, [&](const QueryRow& q, int) { body(q); });
 }
 
-// Calls run(j0, repeated) for interior runs of Vec<T>::size() queries of a row, query(j) for
-// every other query (border queries, and rows too narrow for a run). The interior queries
-// left over after the last whole run are covered by one more run that ends at the last
-// interior query and overlaps its predecessor: its first `repeated` lanes are queries
-// already done (the same values are written again; sums over queries must skip them).
-template <typename T, typename RunFn, typename QueryFn>
-void walk_row(const Geometry& g, RunFn&& run, QueryFn&& query) {
+// Calls run(j0, repeated) for interior runs of Vec<T>::size() queries of a row, and
+// queries(j, count) for the other queries (border queries, and rows too narrow for a run)
+// in groups of up to kWindowQueries consecutive queries with the same window (the
+// clamped queries at a border), one query otherwise. The interior queries left over after
+// the last whole run are covered by one more run that ends at the last interior query and
+// overlaps its predecessor: its first `repeated` lanes are queries already done (the same
+// values are written again; sums over queries must skip them).
+template <typename T, typename RunFn, typename QueriesFn>
+void walk_row(const Geometry& g, RunFn&& run, QueriesFn&& queries) {
   const int64_t reach = (g.kw / 2) * g.dw;
-  walk_blocks(g.W, reach, g.W - 1 - reach, Vec<T>::size(), run, query);
+  int64_t first = 0, count = 0, start = 0;
+  auto flush = [&] {
+    if (count > 0) queries(first, count);
+    count = 0;
+  };
+  walk_blocks(g.W, reach, g.W - 1 - reach, Vec<T>::size(), [&](int64_t j0, int64_t repeated) {
+    flush();
+    run(j0, repeated);
+  }, [&](int64_t j) {
+    const AxisWindow cw = axis_window(j, g.W, g.kw, g.dw);
+    // consecutive columns share a window only without column dilation (else residues differ)
+    if (count > 0 && count < kWindowQueries && g.dw == 1 && cw.start == start) {
+      ++count;
+      return;
+    }
+    flush();
+    first = j;
+    count = 1;
+    start = cw.start;
+  });
+  flush();
 }
 
 // Transposed copies ([channel][position] + a vector of zeroed slack) of single rows of a
@@ -903,7 +946,7 @@ struct ForwardRowState {
   BandScratch<T> band;
   WindowRows<T> keys;
   ForwardRowState(const T* key, const Geometry& g, const ColumnOrder& order)
-      : scores(g.window() + Vec<T>::size()), run(g.window() * Vec<T>::size()),
+      : scores(kWindowQueries * stride(g)), run(g.window() * Vec<T>::size()),
         bias(g.window(), T(0)), a_block(g.D * Vec<T>::size()), neighbors(g.window()),
         band(g.kh), keys(key, g, order) {}
   // Loads the key rows of qr's window and the bias of its runs (zeros without rpb).
@@ -911,6 +954,16 @@ struct ForwardRowState {
     keys.load(qr.plane, qr.rw);
     if (rpb_head) run_bias(rpb_head, qr.rw, g, bias.data());
   }
+  // Logits (unscaled, without bias) of the `count` queries j0.. of a query row that share
+  // one window (see walk_row): query t's at scores.data() + t * stride(g).
+  void group_scores(const T* q_row, int64_t j0, int64_t count, const ColumnOrder& order,
+                    const Geometry& g) {
+    const T* a[kWindowQueries];
+    for (int64_t t = 0; t < count; ++t) a[t] = q_row + (j0 + t) * g.D;
+    window_scores(a, count, keys.grouped(), order.window_base(axis_window(j0, g.W, g.kw, g.dw)),
+                  g, scores.data(), stride(g));
+  }
+  static int64_t stride(const Geometry& g) { return g.window() + Vec<T>::size(); }
 };
 
 template <typename T>
@@ -947,7 +1000,8 @@ template <typename T>
 class BackwardQueryRows {
  public:
   explicit BackwardQueryRows(const BackwardInputs<T>& in)
-      : in_(in), K2_(in.g.window()), p_(K2_ + L), dp_(K2_ + L), run_p_(K2_ * L),
+      : in_(in), K2_(in.g.window()), p_(kWindowQueries * (K2_ + L)),
+        dp_(kWindowQueries * (K2_ + L)), run_p_(K2_ * L),
         run_dp_(K2_ * L), run_bias_row_(K2_), delta_(L), run_bins_(K2_ * L), a_block_(in.g.D * L),
         neighbors_(K2_), scratch_(in.g.kh), k_rows_(in.kp, in.g, in.order),
         v_rows_(in.vp, in.g, in.order) {}
@@ -968,27 +1022,35 @@ class BackwardQueryRows {
     walk_row<T>(g, [&](int64_t j0, int64_t repeated) {
       run(qr, j0, repeated, rpb_head, p_map, ds_map, own);
       any_run = true;
-    }, [&](int64_t j) {
-      const AxisWindow cw = axis_window(j, g.W, g.kw, g.dw);
-      const int64_t base = in_.order.window_base(cw), q_index = row_q0 + j;
-      const T* go = in_.gop + q_index * g.D;
-      // p = exp(logits - lse), recomputed.
-      window_scores(in_.qp + q_index * g.D, k_rows_.grouped(), base, g, p_.data());
-      scale_in_place(p_.data(), K2_, in_.scale);
-      if (rpb_head) add_bias(p_.data(), rpb_head, qr.rw, cw, g);
-      exp_shifted(p_.data(), K2_, in_.lp[q_index]);
-      // dp = grad_out . v[neighbor];  ds = p * (dp - grad_out . out)
-      window_scores(go, v_rows_.grouped(), base, g, dp_.data());
-      const T d = dot(go, in_.outp + q_index * g.D, g.D);
-      T* ds = dp_.data();
-      for (int64_t n = 0; n < K2_; ++n) ds[n] = p_[n] * (dp_[n] - d);
-      if (own) accumulate_bias_grad(ds, qr.rw, cw, g, row_bins);
-      for (int64_t n = 0; n < K2_; ++n) {
-        ds[n] *= in_.scale;
-        p_map[n * g.W + j] = p_[n];
-        ds_map[n * g.W + j] = ds[n];
+    }, [&](int64_t j0, int64_t count) {  // queries sharing one window
+      const int64_t base = in_.order.window_base(axis_window(j0, g.W, g.kw, g.dw));
+      const int64_t stride = K2_ + L;
+      const T *q[kWindowQueries], *go[kWindowQueries];
+      for (int64_t t = 0; t < count; ++t) {
+        q[t] = in_.qp + (row_q0 + j0 + t) * g.D;
+        go[t] = in_.gop + (row_q0 + j0 + t) * g.D;
       }
-      if (own) grad_query(qr, j, ds, 1);
+      window_scores(q, count, k_rows_.grouped(), base, g, p_.data(), stride);
+      window_scores(go, count, v_rows_.grouped(), base, g, dp_.data(), stride);
+      for (int64_t t = 0; t < count; ++t) {
+        const int64_t j = j0 + t, q_index = row_q0 + j;
+        const AxisWindow cw = axis_window(j, g.W, g.kw, g.dw);
+        // p = exp(logits - lse), recomputed; dp = grad_out . v[neighbor];
+        // ds = p * (dp - grad_out . out)
+        T *p = p_.data() + t * stride, *ds = dp_.data() + t * stride;
+        scale_in_place(p, K2_, in_.scale);
+        if (rpb_head) add_bias(p, rpb_head, qr.rw, cw, g);
+        exp_shifted(p, K2_, in_.lp[q_index]);
+        const T d = dot(go[t], in_.outp + q_index * g.D, g.D);
+        for (int64_t n = 0; n < K2_; ++n) ds[n] = p[n] * (ds[n] - d);
+        if (own) accumulate_bias_grad(ds, qr.rw, cw, g, row_bins);
+        for (int64_t n = 0; n < K2_; ++n) {
+          ds[n] *= in_.scale;
+          p_map[n * g.W + j] = p[n];
+          ds_map[n * g.W + j] = ds[n];
+        }
+        if (own) grad_query(qr, j, ds, 1);
+      }
     });
     if (own && any_run) {
       using V = Vec<T>;
@@ -1105,12 +1167,13 @@ at::Tensor na2d_qk_cpu(const at::Tensor& query, const at::Tensor& key,
         T* dst = out + (row_q0 + j0) * K2;
         for (int64_t n = 0; n < K2; ++n)
           for (int64_t t = 0; t < L; ++t) dst[t * K2 + n] = st.run[n * L + t] + st.bias[n];
-      }, [&](int64_t j) {
-        const AxisWindow cw = axis_window(j, g.W, g.kw, g.dw);
-        window_scores(qp + (row_q0 + j) * g.D, st.keys.grouped(), order.window_base(cw), g,
-                      st.scores.data());
-        if (rpb_head) add_bias(st.scores.data(), rpb_head, qr.rw, cw, g);
-        std::copy_n(st.scores.begin(), K2, out + (row_q0 + j) * K2);
+      }, [&](int64_t j0, int64_t count) {
+        st.group_scores(qp + row_q0 * g.D, j0, count, order, g);
+        for (int64_t t = 0; t < count; ++t) {
+          T* scores = st.scores.data() + t * st.stride(g);
+          if (rpb_head) add_bias(scores, rpb_head, qr.rw, axis_window(j0 + t, g.W, g.kw, g.dw), g);
+          std::copy_n(scores, K2, out + (row_q0 + j0 + t) * K2);
+        }
       });
     });
   });
@@ -1224,15 +1287,16 @@ std::tuple<at::Tensor, at::Tensor> na2d_fused_cpu(const at::Tensor& query,
         } else {
           for (int64_t t = 0; t < L; ++t) attend(j0 + t, run + t, L);
         }
-      }, [&](int64_t j) {
-        const AxisWindow cw = axis_window(j, g.W, g.kw, g.dw);
-        T* probs = st.scores.data();
-        window_scores(qp + (row_q0 + j) * g.D, st.keys.grouped(), order.window_base(cw), g,
-                      probs);
-        scale_in_place(probs, K2, s);
-        if (rpb_head) add_bias(probs, rpb_head, qr.rw, cw, g);
-        lp[row_q0 + j] = softmax_in_place(probs, K2);
-        attend(j, probs, 1);
+      }, [&](int64_t j0, int64_t count) {
+        st.group_scores(qp + row_q0 * g.D, j0, count, order, g);
+        for (int64_t t = 0; t < count; ++t) {
+          const int64_t j = j0 + t;
+          T* probs = st.scores.data() + t * st.stride(g);
+          scale_in_place(probs, K2, s);
+          if (rpb_head) add_bias(probs, rpb_head, qr.rw, axis_window(j, g.W, g.kw, g.dw), g);
+          lp[row_q0 + j] = softmax_in_place(probs, K2);
+          attend(j, probs, 1);
+        }
       });
     });
   });
