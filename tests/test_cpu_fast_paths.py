@@ -24,6 +24,8 @@ CASES = [
     (1, 2, 11, 47, 24, (5, 7), (1, 1)),    # head dim 24: band in float64 only
     (1, 1, 14, 61, 16, (5, 3), (2, 3)),    # column dilation: runs without bands
     (2, 2, 8, 21, 8, (7, 7), (1, 1)),      # interior narrower than a float32 run
+    (2, 2, 14, 14, 32, (7, 7), (1, 1)),    # NAT's 14x14 maps: all border, groups of 4
+    (1, 2, 23, 40, 16, (5, 7), (3, 1)),    # row dilation 3: the key-row cache over residues
 ]
 
 

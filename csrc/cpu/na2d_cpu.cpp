@@ -485,6 +485,8 @@ class InverseRows {
     // The (query column, neighbor) pairs that reach each key column, as offsets into a
     // weight row [K2][W] and a source row [W][C]: looked up, not recomputed, per key.
     InverseAxis cols(g.kw);
+    column_w_.reserve(g.W * (2 * g.kw - 1));
+    column_a_.reserve(g.W * (2 * g.kw - 1));
     for (int64_t c = 0; c < g.W; ++c) {
       column_first_[c] = static_cast<int64_t>(column_w_.size());
       cols.fill(c, g.W, g.kw, g.dw, col_starts);
@@ -891,13 +893,12 @@ class RowCopies {
 
   const T* row(int64_t plane, int64_t row) {
     const Geometry& g = g_;
-    const int64_t tag = plane * g.H + row, slot = row % slots_;  // rows of one window differ
-    T* dst = data_.data() + slot * size_;                         // in slot (kh*dh < slots)
-    if (tag_[slot] == tag) return dst;
-    if (data_.empty()) {  // first use (a cache may stay unused: grouped when dw == 1)
-      data_.assign(slots_ * size_, T(0));
-      dst = data_.data() + slot * size_;
-    }
+    // The rows of one window span (kh-1)*dh+1 < slots rows: they never share a slot.
+    const int64_t tag = plane * g.H + row, slot = row % slots_;
+    if (tag_[slot] == tag) return data_.data() + slot * size_;
+    // allocated on first use: a cache may stay unused (grouped when dw == 1)
+    if (data_.empty()) data_.assign(slots_ * size_, T(0));
+    T* dst = data_.data() + slot * size_;
     tag_[slot] = tag;
     const T* src = map_ + tag * g.W * g.D;
     if (!gathered_.empty()) {  // residue-class order: gather the columns first
@@ -932,7 +933,8 @@ class WindowRows {
   void load(int64_t plane, const AxisWindow& rw) {
     for (int64_t m = 0; m < g_.kh; ++m) {
       if (has_runs_) natural_rows_[m] = natural_.row(plane, rw.key(m));
-      grouped_rows_[m] = g_.dw == 1 && has_runs_ ? natural_rows_[m] : grouped_.row(plane, rw.key(m));
+      grouped_rows_[m] =
+          g_.dw == 1 && has_runs_ ? natural_rows_[m] : grouped_.row(plane, rw.key(m));
     }
   }
   const T* const* natural() const { return natural_rows_.data(); }
@@ -996,8 +998,8 @@ struct BackwardInputs {
                  const at::Tensor& bias, const ColumnOrder& order_, const Geometry& g_,
                  double scale_, at::Tensor& grad_q, at::Tensor& partial)
       : g(g_), order(order_), qp(q.data_ptr<T>()), kp(k.data_ptr<T>()), vp(v.data_ptr<T>()),
-        gop(go.data_ptr<T>()), outp(o.data_ptr<T>()), lp(lse.data_ptr<T>()), bp(optional_data<T>(bias)),
-        gqp(grad_q.data_ptr<T>()), bins(partial.data_ptr<T>()),
+        gop(go.data_ptr<T>()), outp(o.data_ptr<T>()), lp(lse.data_ptr<T>()),
+        bp(optional_data<T>(bias)), gqp(grad_q.data_ptr<T>()), bins(partial.data_ptr<T>()),
         scale(static_cast<T>(scale_)), band(band_supported<T>(g_)) {}
 };
 
@@ -1179,7 +1181,8 @@ at::Tensor na2d_qk_cpu(const at::Tensor& query, const at::Tensor& key,
         st.group_scores(qp + row_q0 * g.D, j0, count, order, g);
         for (int64_t t = 0; t < count; ++t) {
           T* scores = st.scores.data() + t * st.stride(g);
-          if (rpb_head) add_bias(scores, rpb_head, qr.rw, axis_window(j0 + t, g.W, g.kw, g.dw), g);
+          const AxisWindow cw = axis_window(j0 + t, g.W, g.kw, g.dw);
+          if (rpb_head) add_bias(scores, rpb_head, qr.rw, cw, g);
           std::copy_n(scores, K2, out + (row_q0 + j0 + t) * K2);
         }
       });

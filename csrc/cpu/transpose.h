@@ -9,7 +9,9 @@
 
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #if defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
@@ -47,8 +49,9 @@ inline void transpose_block16(const float* src, int64_t ld_src, float* dst, int6
     const __m512 u1 = _mm512_shuffle_f32x4(b[j], b[4 + j], 0xdd);
     const __m512 u2 = _mm512_shuffle_f32x4(b[8 + j], b[12 + j], 0x88);
     const __m512 u3 = _mm512_shuffle_f32x4(b[8 + j], b[12 + j], 0xdd);
-    const __m512 column[4] = {_mm512_shuffle_f32x4(u0, u2, 0x88), _mm512_shuffle_f32x4(u1, u3, 0x88),
-                              _mm512_shuffle_f32x4(u0, u2, 0xdd), _mm512_shuffle_f32x4(u1, u3, 0xdd)};
+    const __m512 column[4] = {
+        _mm512_shuffle_f32x4(u0, u2, 0x88), _mm512_shuffle_f32x4(u1, u3, 0x88),
+        _mm512_shuffle_f32x4(u0, u2, 0xdd), _mm512_shuffle_f32x4(u1, u3, 0xdd)};
     for (int k = 0; k < 4; ++k) {
       const int c = 4 * k + j;
       if (c < cols) _mm512_mask_storeu_ps(dst + c * ld_dst, row_mask, column[k]);
