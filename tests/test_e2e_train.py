@@ -16,6 +16,7 @@ import os.path as osp
 import socket
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -198,18 +199,30 @@ def test_seg_test_tool_and_image_demo(seg_run, workspace):
 
 
 # ----------------------------------------------------------------------------- distributed
+def _gloo_abort_before_training(out):
+    """A rank aborted by std::terminate before the first logged iteration. Seen once in ~15
+    CI runs here (2026-11-28, rank 1 right after DDP's setup, no backtrace): most likely
+    gloo's TCP setup throwing from a background thread (upstream reports of such aborts:
+    pytorch/pytorch#188266, pytorch/gloo#514); not diagnosed further."""
+    return ('terminate called without an active exception' in out
+            and 'exitcode  : -6' in out and 'Epoch(train)' not in out)
+
+
 def test_dist_train_two_processes_gloo(workspace):
     """torchrun --nproc_per_node=2 on CPU (gloo), as tools/dist_train.sh launches it."""
-    wd = workspace / 'det_dist'
-    env_port = _free_port()
-    args = ['bash', osp.join(TOOLS, 'dist_train.sh'), DET_CFG, '2', '--work-dir', str(wd),
-            '--cfg-options', 'train_cfg.max_epochs=1', 'train_cfg.val_interval=1',
-            *DET_FAST]
-    env = _env(threads=1)
-    env['PORT'] = str(env_port)
-    proc = subprocess.run(args, cwd=workspace, env=env, capture_output=True, text=True,
-                          timeout=TIMEOUT)
-    out = proc.stdout + proc.stderr
+    for attempt in range(2):  # one retry, only for an abort inside gloo's setup
+        wd = workspace / f'det_dist{attempt}'
+        args = ['bash', osp.join(TOOLS, 'dist_train.sh'), DET_CFG, '2', '--work-dir', str(wd),
+                '--cfg-options', 'train_cfg.max_epochs=1', 'train_cfg.val_interval=1',
+                *DET_FAST]
+        env = _env(threads=1)
+        env['PORT'] = str(_free_port())
+        proc = subprocess.run(args, cwd=workspace, env=env, capture_output=True, text=True,
+                              timeout=TIMEOUT)
+        out = proc.stdout + proc.stderr
+        if proc.returncode == 0 or attempt == 1 or not _gloo_abort_before_training(out):
+            break
+        warnings.warn('a rank aborted in gloo before training started; retrying once')
     assert proc.returncode == 0, out[-6000:]
     assert osp.isfile(wd / 'epoch_1.pth')
     # 12 images, 2 processes x 2 images: 3 iterations per epoch (not 6)
