@@ -145,11 +145,11 @@ inline void with_count(int64_t n, F&& f) {
   f(std::integral_constant<int, Max>{});
 }
 
-// Q queries x N accumulators (window row, column chunk): acc[q][i] += a_q[ch] * b_i[ch].
+// Q queries x N accumulators (window row, column chunk): acc[q][i] += a[q * D + ch] * b_i[ch].
 // Queries with the same window share every key load.
 template <int Q, int N, typename T>
-inline void dot_group(const T* const* a, const T* const* rows, int64_t channel_stride,
-                      int64_t D, T* const* out, int64_t out_stride) {
+inline void dot_group(const T* a, const T* const* rows, int64_t channel_stride, int64_t D,
+                      T* const* out, int64_t out_stride) {
   Vec<T> acc[Q][N];
   for (int q = 0; q < Q; ++q)
     for (int i = 0; i < N; ++i) acc[q][i] = Vec<T>(T(0));
@@ -160,7 +160,7 @@ inline void dot_group(const T* const* a, const T* const* rows, int64_t channel_s
   for (int i = 0; i < N; ++i) off[i] = rows[i] - base;
   for (int64_t ch = 0; ch < D; ++ch, base += channel_stride) {
     Vec<T> av[Q];
-    for (int q = 0; q < Q; ++q) av[q] = Vec<T>(a[q][ch]);
+    for (int q = 0; q < Q; ++q) av[q] = Vec<T>(a[q * D + ch]);
     for (int i = 0; i < N; ++i) {
       const Vec<T> bv = Vec<T>::loadu(base + off[i]);
       for (int q = 0; q < Q; ++q) acc[q][i] = at::vec::fmadd(av[q], bv, acc[q][i]);
@@ -175,13 +175,15 @@ inline void dot_group(const T* const* a, const T* const* rows, int64_t channel_s
 constexpr int64_t kWindowQueries = 4;
 
 // scores[q * stride + m * kw + n] = a[q] . b[key row m, neighbor n] for Q <= kWindowQueries
-// queries that share one window; b_rows[m]: window row m, transposed ([C][position], see
-// RowCopies). Each query's scores need window() + vector-width entries: chunk stores spill
-// past a row's end and are overwritten by the next row (stores go in increasing order).
+// consecutive queries a[q] = a + q * D that share one window, cw; b_rows[m]: window row m,
+// transposed ([C][position], see RowCopies) in `order`. Each query's scores need window() +
+// vector-width entries: chunk stores spill past a row's end and are overwritten by the next
+// row (stores go in increasing order).
 template <typename T>
-void window_scores(const T* const* a, int64_t queries, const T* const* b_rows,
-                   int64_t column_base, const Geometry& g, T* scores, int64_t stride) {
+void window_scores(const T* a, int64_t queries, const T* const* b_rows, const AxisWindow& cw,
+                   const ColumnOrder& order, const Geometry& g, T* scores, int64_t stride) {
   constexpr int64_t L = Vec<T>::size();
+  const int64_t column_base = order.window_base(cw);
   const int64_t chunks = (g.kw + L - 1) / L;
   const int64_t total = g.kh * chunks;
   with_count<kWindowQueries>(queries, [&](auto q_count) {
@@ -844,8 +846,8 @@ void for_each_query_row(const Geometry& g, F&& body) {
 }
 
 // Calls run(j0, repeated) for interior runs of Vec<T>::size() queries of a row, and
-// queries(j, count) for the other queries (border queries, and rows too narrow for a run)
-// in groups of up to kWindowQueries consecutive queries with the same window (the
+// queries(j, count, window of j) for the other queries (border queries, and rows too narrow
+// for a run) in groups of up to kWindowQueries consecutive queries with the same window (the
 // clamped queries at a border), one query otherwise. The interior queries left over after
 // the last whole run are covered by one more run that ends at the last interior query and
 // overlaps its predecessor: its first `repeated` lanes are queries already done (the same
@@ -853,9 +855,10 @@ void for_each_query_row(const Geometry& g, F&& body) {
 template <typename T, typename RunFn, typename QueriesFn>
 void walk_row(const Geometry& g, RunFn&& run, QueriesFn&& queries) {
   const int64_t reach = (g.kw / 2) * g.dw;
-  int64_t first = 0, count = 0, start = 0;
+  int64_t first = 0, count = 0;
+  AxisWindow window{};
   auto flush = [&] {
-    if (count > 0) queries(first, count);
+    if (count > 0) queries(first, count, window);
     count = 0;
   };
   walk_blocks(g.W, reach, g.W - 1 - reach, Vec<T>::size(), [&](int64_t j0, int64_t repeated) {
@@ -864,14 +867,14 @@ void walk_row(const Geometry& g, RunFn&& run, QueriesFn&& queries) {
   }, [&](int64_t j) {
     const AxisWindow cw = axis_window(j, g.W, g.kw, g.dw);
     // consecutive columns share a window only without column dilation (else residues differ)
-    if (count > 0 && count < kWindowQueries && g.dw == 1 && cw.start == start) {
+    if (count > 0 && count < kWindowQueries && g.dw == 1 && cw.start == window.start) {
       ++count;
       return;
     }
     flush();
     first = j;
     count = 1;
-    start = cw.start;
+    window = cw;
   });
   flush();
 }
@@ -960,18 +963,10 @@ struct ForwardRowState {
         bias(g.window(), T(0)), a_block(g.D * Vec<T>::size()), neighbors(g.window()),
         band(g.kh), keys(key, g, order) {}
   // Loads the key rows of qr's window and the bias of its runs (zeros without rpb).
+  // stride(g): the distance between two queries' scores (window_scores).
   void start_row(const QueryRow& qr, const T* rpb_head, const Geometry& g) {
     keys.load(qr.plane, qr.rw);
     if (rpb_head) run_bias(rpb_head, qr.rw, g, bias.data());
-  }
-  // Logits (unscaled, without bias) of the `count` queries j0.. of a query row that share
-  // one window (see walk_row): query t's at scores.data() + t * stride(g).
-  void group_scores(const T* q_row, int64_t j0, int64_t count, const ColumnOrder& order,
-                    const Geometry& g) {
-    const T* a[kWindowQueries];
-    for (int64_t t = 0; t < count; ++t) a[t] = q_row + (j0 + t) * g.D;
-    window_scores(a, count, keys.grouped(), order.window_base(axis_window(j0, g.W, g.kw, g.dw)),
-                  g, scores.data(), stride(g));
   }
   static int64_t stride(const Geometry& g) { return g.window() + Vec<T>::size(); }
 };
@@ -1032,16 +1027,12 @@ class BackwardQueryRows {
     walk_row<T>(g, [&](int64_t j0, int64_t repeated) {
       run(qr, j0, repeated, rpb_head, p_map, ds_map, own);
       any_run = true;
-    }, [&](int64_t j0, int64_t count) {  // queries sharing one window
-      const int64_t base = in_.order.window_base(axis_window(j0, g.W, g.kw, g.dw));
+    }, [&](int64_t j0, int64_t count, const AxisWindow& window) {  // sharing one window
       const int64_t stride = K2_ + L;
-      const T *q[kWindowQueries], *go[kWindowQueries];
-      for (int64_t t = 0; t < count; ++t) {
-        q[t] = in_.qp + (row_q0 + j0 + t) * g.D;
-        go[t] = in_.gop + (row_q0 + j0 + t) * g.D;
-      }
-      window_scores(q, count, k_rows_.grouped(), base, g, p_.data(), stride);
-      window_scores(go, count, v_rows_.grouped(), base, g, dp_.data(), stride);
+      const T* go0 = in_.gop + (row_q0 + j0) * g.D;
+      window_scores(in_.qp + (row_q0 + j0) * g.D, count, k_rows_.grouped(), window, in_.order,
+                    g, p_.data(), stride);
+      window_scores(go0, count, v_rows_.grouped(), window, in_.order, g, dp_.data(), stride);
       for (int64_t t = 0; t < count; ++t) {
         const int64_t j = j0 + t, q_index = row_q0 + j;
         const AxisWindow cw = axis_window(j, g.W, g.kw, g.dw);
@@ -1051,7 +1042,7 @@ class BackwardQueryRows {
         scale_in_place(p, K2_, in_.scale);
         if (rpb_head) add_bias(p, rpb_head, qr.rw, cw, g);
         exp_shifted(p, K2_, in_.lp[q_index]);
-        const T d = dot(go[t], in_.outp + q_index * g.D, g.D);
+        const T d = dot(go0 + t * g.D, in_.outp + q_index * g.D, g.D);
         for (int64_t n = 0; n < K2_; ++n) ds[n] = p[n] * (ds[n] - d);
         if (own) accumulate_bias_grad(ds, qr.rw, cw, g, row_bins);
         for (int64_t n = 0; n < K2_; ++n) {
@@ -1177,8 +1168,9 @@ at::Tensor na2d_qk_cpu(const at::Tensor& query, const at::Tensor& key,
         T* dst = out + (row_q0 + j0) * K2;
         for (int64_t n = 0; n < K2; ++n)
           for (int64_t t = 0; t < L; ++t) dst[t * K2 + n] = st.run[n * L + t] + st.bias[n];
-      }, [&](int64_t j0, int64_t count) {
-        st.group_scores(qp + row_q0 * g.D, j0, count, order, g);
+      }, [&](int64_t j0, int64_t count, const AxisWindow& window) {
+        window_scores(qp + (row_q0 + j0) * g.D, count, st.keys.grouped(), window, order, g,
+                      st.scores.data(), st.stride(g));
         for (int64_t t = 0; t < count; ++t) {
           T* scores = st.scores.data() + t * st.stride(g);
           const AxisWindow cw = axis_window(j0 + t, g.W, g.kw, g.dw);
@@ -1298,8 +1290,9 @@ std::tuple<at::Tensor, at::Tensor> na2d_fused_cpu(const at::Tensor& query,
         } else {
           for (int64_t t = 0; t < L; ++t) attend(j0 + t, run + t, L);
         }
-      }, [&](int64_t j0, int64_t count) {
-        st.group_scores(qp + row_q0 * g.D, j0, count, order, g);
+      }, [&](int64_t j0, int64_t count, const AxisWindow& window) {
+        window_scores(qp + (row_q0 + j0) * g.D, count, st.keys.grouped(), window, order, g,
+                      st.scores.data(), st.stride(g));
         for (int64_t t = 0; t < count; ++t) {
           const int64_t j = j0 + t;
           T* probs = st.scores.data() + t * st.stride(g);
