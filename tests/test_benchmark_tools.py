@@ -60,6 +60,7 @@ def test_benchmark_backbone_help():
 
 def test_benchmark_backbone_smoke(tmp_path):
     """Tiny inputs (1x3x64x96, 2x3x32x32): ~20 s, most of it importing mmdet."""
+    pytest.importorskip('mmdet', reason='the backbone benchmark compares with mmdet\'s Swin')
     out = tmp_path / 'backbone.json'
     result = run([BACKBONE, '--smoke', '--repeat', '1', '--threads', '1', '--json',
                   str(out)], timeout=300)
@@ -70,6 +71,7 @@ def test_benchmark_backbone_smoke(tmp_path):
 @pytest.mark.slow
 def test_benchmark_backbone_quick(tmp_path):
     """The --quick sizes (1x3x256x384, 2x3x224x224): ~35 s on an idle 2-core machine."""
+    pytest.importorskip('mmdet', reason='the backbone benchmark compares with mmdet\'s Swin')
     out = tmp_path / 'backbone.json'
     run([BACKBONE, '--quick', '--repeat', '1', '--threads', '1', '--json', str(out)],
         timeout=600)

@@ -8,7 +8,7 @@
 #   1. build the extension in place with the CUDA kernels (ninja, 16 jobs, sm_90)
 #   2. tests/test_cuda_ops.py (every op vs the float64 reference, all dtypes, both kernel
 #      paths, bad inputs, determinism, streams; NAT_MM_RUN_SLOW=1 adds the >2^31-element test)
-#      (a test that crashed its worker is rerun under gdb, if installed, for a backtrace)
+#      (a test that crashed its worker is rerun under gdb or cuda-gdb for a backtrace)
 #   3. a small case of every op under compute-sanitizer memcheck (if installed)
 #   4. tools/benchmark_gpu.py with the time that is left
 # GPU_CHECK_REUSE_BUILD=1 skips step 1 when nat_mm/_C*.so exists (a rerun on a warm machine).
@@ -98,13 +98,16 @@ else
 fi
 
 # A pytest worker that dies (a host segfault) leaves only "crashed while running <test>":
-# rerun the first such test alone under gdb, when installed, for a native backtrace.
+# rerun the first such test alone under gdb (the device image has only cuda-gdb, which
+# debugs host code too) for a native backtrace; the interpreter itself, not a wrapper.
 CRASHED="$(grep -o "crashed while running '[^']*'" "$LOG" | head -1 | cut -d"'" -f2)"
-if [ -n "$CRASHED" ] && command -v gdb >/dev/null; then
-  step crash_backtrace 60 100 gdb -q -batch -ex run -ex bt --args "$PY" -m pytest -q \
-    -p no:cacheprovider "$CRASHED"
+DEBUGGER="$(command -v gdb || command -v cuda-gdb || ls /usr/local/cuda/bin/cuda-gdb 2>/dev/null || true)"
+if [ -n "$CRASHED" ] && [ -n "$DEBUGGER" ]; then
+  step crash_backtrace 60 100 "$DEBUGGER" -q -batch -ex run -ex 'bt 40' -ex 'info sharedlibrary' \
+    --args "$("$PY" -c 'import sys; print(sys.executable)')" -m pytest -q -p no:cacheprovider \
+    "$CRASHED"
 elif [ -n "$CRASHED" ]; then
-  log "a test crashed ($CRASHED); gdb is not installed, so no native backtrace"
+  log "a test crashed ($CRASHED); neither gdb nor cuda-gdb is installed, so no native backtrace"
 fi
 
 # ---------------------------------------------------------------- 3. compute-sanitizer
