@@ -118,3 +118,41 @@ def test_backward_segments_with_row_dilation():
         torch.set_num_threads(before)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-10, rtol=1e-10)
+
+
+def _qkv_views(q, k, v):
+    """q, k, v as NAT's attention passes them: views of one qkv projection output
+    [B, H, W, 3, heads, D] (columns 3*heads*D apart), with the same values."""
+    packed = torch.stack([q, k, v]).permute(1, 3, 4, 0, 2, 5).contiguous()
+    return packed.permute(3, 0, 4, 1, 2, 5).unbind(0)
+
+
+def _heads_last_view(x):
+    """x's values as a view of a [B, H, W, heads, D] tensor (how grad_out arrives)."""
+    return x.permute(0, 2, 3, 1, 4).contiguous().permute(0, 3, 1, 2, 4)
+
+
+@pytest.mark.parametrize('case', CASES, ids=_ids)
+@pytest.mark.parametrize('dtype', [torch.float64, torch.float32])
+def test_strided_maps_are_read_in_place(case, dtype):
+    """Views with strided rows and columns (contiguous channels) give bit-identical results
+    to contiguous copies: the kernels read them in place, in the same order."""
+    q, k, v, rpb = _inputs(case, dtype)
+    ks, dil = list(case[5]), list(case[6])
+    qs, kss, vs = _qkv_views(q, k, v)
+    assert not qs.is_contiguous() and qs.stride(3) == 3 * q.shape[1] * q.shape[4]
+    out, lse = op('na2d_fused')(q, k, v, rpb, ks, dil, 0.3)
+    out_s, lse_s = op('na2d_fused')(qs, kss, vs, rpb, ks, dil, 0.3)
+    assert torch.equal(out, out_s) and torch.equal(lse, lse_s)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1),
+                           dtype=torch.float64).to(dtype)
+    want = op('na2d_fused_backward')(grad_out, q, k, v, rpb, out, lse, ks, dil, 0.3)
+    got = op('na2d_fused_backward')(_heads_last_view(grad_out), qs, kss, vs, rpb,
+                                    _heads_last_view(out), lse, ks, dil, 0.3)
+    for name, g, w in zip(['grad_query', 'grad_key', 'grad_value', 'grad_rpb'], got, want):
+        assert torch.equal(g, w), name
+    attn = op('na2d_qk')(q, k, rpb, ks, dil).softmax(-1)
+    assert torch.equal(op('na2d_qk')(qs, kss, rpb, ks, dil).softmax(-1), attn)
+    assert torch.equal(op('na2d_av')(attn, vs, ks, dil), op('na2d_av')(attn, v, ks, dil))
+    assert torch.equal(op('na2d_inverse')(attn, qs, ks, dil),
+                       op('na2d_inverse')(attn, q, ks, dil))

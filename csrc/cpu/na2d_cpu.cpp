@@ -1,6 +1,7 @@
 // CPU kernels of 2D neighborhood attention (float, double; half/bfloat16 via float).
 //
-// Layout: every map is heads-first [B, heads, H, W, C] and contiguous; a "plane" is one
+// Layout: every map is heads-first [B, heads, H, W, C]; inputs are read with any strides
+// but contiguous channels (MapView), outputs are contiguous; a "plane" is one
 // (batch, head) pair. Work is split over (plane, query row) with at::parallel_for.
 //
 // Three access patterns build every op:
@@ -83,6 +84,33 @@ at::Tensor as_compute(const at::Tensor& x) {
   return scratch_empty(x.sizes(), x.options().dtype(type)).copy_(x);
 }
 
+// A map the kernels read through MapView: x itself when it is in the compute type with
+// contiguous channels (whatever its other strides), else a contiguous scratch copy.
+at::Tensor as_compute_map(const at::Tensor& x) {
+  const at::ScalarType type = compute_type(x);
+  if (x.scalar_type() == type && (x.size(4) <= 1 || x.stride(4) == 1)) return x;
+  return scratch_empty(x.sizes(), x.options().dtype(type)).copy_(x);
+}
+
+// An input map [B, heads, H, W, C] as the kernels read it: channels contiguous, any batch,
+// head, row and column strides (NAT's q/k/v are views of its qkv projection's output
+// [B, H, W, 3, heads, D] and are read in place, not copied). A plane is a (batch, head) pair.
+template <typename T>
+struct MapView {
+  const T* data;
+  int64_t heads, batch_stride, head_stride, row_stride, pixel;
+
+  explicit MapView(const at::Tensor& x)
+      : data(x.data_ptr<T>()), heads(x.size(1)), batch_stride(x.stride(0)),
+        head_stride(x.stride(1)), row_stride(x.stride(2)), pixel(x.stride(3)) {}
+  const T* row(int64_t plane, int64_t r) const {
+    return data + plane / heads * batch_stride + plane % heads * head_stride + r * row_stride;
+  }
+  const T* at(int64_t plane, int64_t r, int64_t column) const {
+    return row(plane, r) + column * pixel;
+  }
+};
+
 // Window start (sub-grid units) of every index of one axis.
 std::vector<int64_t> window_starts(int64_t length, int64_t kernel, int64_t dilation) {
   std::vector<int64_t> starts(length);
@@ -110,20 +138,19 @@ struct ColumnOrder {
 };
 
 // ------------------------------------------------------------------ window scores
-// Every row of x [rows][W][X] transposed to [X][W], plus `slack` zeroed elements at the end.
-// Register-block transposes (ATen's strided copy_ of the transposed view took ~12% of the
-// fused backward).
-template <typename T>
-at::Tensor transposed_rows(const at::Tensor& x, int64_t rows, int64_t W, int64_t X,
-                           int64_t slack = 0) {
+// Rows row_of(r) ([W][X], leading dimension ld_src) for r < rows, each transposed to
+// [X][W], into one tensor with `slack` zeroed elements at the end. Register-block transposes
+// (ATen's strided copy_ of the transposed view took ~12% of the fused backward).
+template <typename T, typename RowOf>
+at::Tensor transposed_rows(RowOf&& row_of, int64_t ld_src, int64_t rows, int64_t W, int64_t X,
+                           const at::TensorOptions& options, int64_t slack = 0) {
   const int64_t size = rows * X * W;
-  at::Tensor out = scratch_empty({size + slack}, x.options());
+  at::Tensor out = scratch_empty({size + slack}, options);
   if (slack > 0) out.narrow(0, size, slack).zero_();
-  const T* src = x.data_ptr<T>();
   T* dst = out.data_ptr<T>();
   at::parallel_for(0, rows, std::max<int64_t>(1, 65536 / std::max<int64_t>(1, W * X)),
                    [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) transpose(src + r * W * X, X, dst + r * X * W, W, W, X);
+    for (int64_t r = begin; r < end; ++r) transpose(row_of(r), ld_src, dst + r * X * W, W, W, X);
   });
   return out;
 }
@@ -131,8 +158,10 @@ at::Tensor transposed_rows(const at::Tensor& x, int64_t rows, int64_t W, int64_t
 // x [plane][row][col][C] -> [plane][row][C][col], plus one vector of zeroed slack so that
 // full-width loads at the very end stay in bounds (read by key runs without a band kernel).
 template <typename T>
-at::Tensor channels_by_column(const at::Tensor& x, const Geometry& g) {
-  return transposed_rows<T>(x, g.planes * g.H, g.W, g.D, Vec<T>::size());
+at::Tensor channels_by_column(const MapView<T>& x, const Geometry& g,
+                              const at::TensorOptions& options) {
+  return transposed_rows<T>([&](int64_t r) { return x.row(r / g.H, r % g.H); }, x.pixel,
+                            g.planes * g.H, g.W, g.D, options, Vec<T>::size());
 }
 
 // Calls f(std::integral_constant<int, N>{}) with N = n, for 1 <= n <= Max: a runtime count
@@ -145,11 +174,12 @@ inline void with_count(int64_t n, F&& f) {
   f(std::integral_constant<int, Max>{});
 }
 
-// Q queries x N accumulators (window row, column chunk): acc[q][i] += a[q * D + ch] * b_i[ch].
-// Queries with the same window share every key load.
+// Q queries x N accumulators (window row, column chunk):
+// acc[q][i] += a[q * a_stride + ch] * b_i[ch]. Queries with the same window share every key
+// load.
 template <int Q, int N, typename T>
-inline void dot_group(const T* a, const T* const* rows, int64_t channel_stride, int64_t D,
-                      T* const* out, int64_t out_stride) {
+inline void dot_group(const T* a, int64_t a_stride, const T* const* rows,
+                      int64_t channel_stride, int64_t D, T* const* out, int64_t out_stride) {
   Vec<T> acc[Q][N];
   for (int q = 0; q < Q; ++q)
     for (int i = 0; i < N; ++i) acc[q][i] = Vec<T>(T(0));
@@ -160,7 +190,7 @@ inline void dot_group(const T* a, const T* const* rows, int64_t channel_stride, 
   for (int i = 0; i < N; ++i) off[i] = rows[i] - base;
   for (int64_t ch = 0; ch < D; ++ch, base += channel_stride) {
     Vec<T> av[Q];
-    for (int q = 0; q < Q; ++q) av[q] = Vec<T>(a[q * D + ch]);
+    for (int q = 0; q < Q; ++q) av[q] = Vec<T>(a[q * a_stride + ch]);
     for (int i = 0; i < N; ++i) {
       const Vec<T> bv = Vec<T>::loadu(base + off[i]);
       for (int q = 0; q < Q; ++q) acc[q][i] = at::vec::fmadd(av[q], bv, acc[q][i]);
@@ -175,13 +205,14 @@ inline void dot_group(const T* a, const T* const* rows, int64_t channel_stride, 
 constexpr int64_t kWindowQueries = 4;
 
 // scores[q * stride + m * kw + n] = a[q] . b[key row m, neighbor n] for Q <= kWindowQueries
-// consecutive queries a[q] = a + q * D that share one window, cw; b_rows[m]: window row m,
+// consecutive queries a[q] = a + q * a_stride that share one window, cw; b_rows[m]: window row m,
 // transposed ([C][position], see RowCopies) in `order`. Each query's scores need window() +
 // vector-width entries: chunk stores spill past a row's end and are overwritten by the next
 // row (stores go in increasing order).
 template <typename T>
-void window_scores(const T* a, int64_t queries, const T* const* b_rows, const AxisWindow& cw,
-                   const ColumnOrder& order, const Geometry& g, T* scores, int64_t stride) {
+void window_scores(const T* a, int64_t a_stride, int64_t queries, const T* const* b_rows,
+                   const AxisWindow& cw, const ColumnOrder& order, const Geometry& g, T* scores,
+                   int64_t stride) {
   constexpr int64_t L = Vec<T>::size();
   const int64_t column_base = order.window_base(cw);
   const int64_t chunks = (g.kw + L - 1) / L;
@@ -199,7 +230,7 @@ void window_scores(const T* a, int64_t queries, const T* const* b_rows, const Ax
         out[i] = scores + m * g.kw + c * L;
       }
       with_count<kGroup>(n, [&](auto n_count) {
-        dot_group<Q, decltype(n_count)::value>(a, rows, g.W, g.D, out, stride);
+        dot_group<Q, decltype(n_count)::value>(a, a_stride, rows, g.W, g.D, out, stride);
       });
     }
   });
@@ -380,26 +411,25 @@ void band_run(const BandRows& b, const Geometry& g, T* out, BandScratch<T>& scra
 }
 
 // The band of a query run: weights w_row + m * w_window_row + (lane * wx + n * wt) for
-// window row m, sources: the run's key rows in a [row][col][C] plane.
+// window row m, sources: the run's key rows in one plane of a map.
 template <typename T>
 BandRows query_band(const T* w_row, int64_t w_window_row, int64_t wx, int64_t wt,
-                    const T* plane, const AxisWindow& rw, int64_t j0, const Geometry& g,
-                    BandScratch<T>& scratch) {
+                    const MapView<T>& map, int64_t plane, const AxisWindow& rw, int64_t j0,
+                    const Geometry& g, BandScratch<T>& scratch) {
   for (int64_t m = 0; m < g.kh; ++m) {
     scratch.row_w[m] = w_row + m * w_window_row;
-    scratch.row_s[m] = plane + (rw.key(m) * g.W + j0 - g.kw / 2) * g.D;
+    scratch.row_s[m] = map.at(plane, rw.key(m), j0 - g.kw / 2);
   }
-  return {g.kh, wx, wt, g.D};
+  return {g.kh, wx, wt, map.pixel};
 }
 
-// Pointers to the kh*kw neighbors of one query in a [plane][row][col][C] map.
+// Pointers to the kh*kw neighbors of one query in one plane of a map.
 template <typename T>
-void neighbor_rows(const T* plane, const AxisWindow& rw, const AxisWindow& cw,
-                   const Geometry& g, const T** out) {
+void neighbor_rows(const MapView<T>& map, int64_t plane, const AxisWindow& rw,
+                   const AxisWindow& cw, const Geometry& g, const T** out) {
+  const int64_t step = g.dw * map.pixel;
   for (int64_t m = 0; m < g.kh; ++m) {
-    const T* row = plane + rw.key(m) * g.W * g.D;
-    const T* first = row + cw.key(0) * g.D;
-    const int64_t step = g.dw * g.D;
+    const T* first = map.at(plane, rw.key(m), cw.key(0));
     for (int64_t n = 0; n < g.kw; ++n) out[m * g.kw + n] = first + n * step;
   }
 }
@@ -472,8 +502,8 @@ inline void run_inverse_group(const T* const* w_at, const T* const* a_rows, int6
 
 // One key row of the inverse sums, with its per-thread buffers:
 //   out[key][:] = sum over the (query, neighbor) pairs that reach key of w[q, n] * a[q][:].
-// a: [plane][row][col][C]; a_t: the same as [plane][row][C][col] (read by key runs without a
-// band kernel); w_rows(y): the neighbor-major weights [K2][W] of query row y of the plane.
+// a: the source map; a_t: the same as [plane][row][C][col] (read by key runs without a band
+// kernel); w_rows(y): the neighbor-major weights [K2][W] of query row y of the plane.
 // Each key gathers its own terms: deterministic, no atomics.
 template <typename T>
 class InverseRows {
@@ -485,7 +515,7 @@ class InverseRows {
         w_at_(4 * g.window()), w_row_(2 * g.kh), a_row_(2 * g.kh), a_offset_(4 * g.window()),
         scratch_(g.kh), column_first_(g.W + 1) {
     // The (query column, neighbor) pairs that reach each key column, as offsets into a
-    // weight row [K2][W] and a source row [W][C]: looked up, not recomputed, per key.
+    // weight row [K2][W] and query columns: looked up, not recomputed, per key.
     InverseAxis cols(g.kw);
     column_w_.reserve(g.W * (2 * g.kw - 1));
     column_a_.reserve(g.W * (2 * g.kw - 1));
@@ -494,20 +524,21 @@ class InverseRows {
       cols.fill(c, g.W, g.kw, g.dw, col_starts);
       for (int64_t x = 0; x < cols.count; ++x) {
         column_w_.push_back(cols.neighbor[x] * g.W + cols.query[x]);
-        column_a_.push_back(cols.query[x] * g.D);
+        column_a_.push_back(cols.query[x]);
       }
     }
     column_first_[g.W] = static_cast<int64_t>(column_w_.size());
   }
 
   template <typename WeightRows>
-  void row(int64_t p, int64_t r, WeightRows&& w_rows, const T* a, const T* a_t, T* out_row) {
+  void row(int64_t p, int64_t r, WeightRows&& w_rows, const MapView<T>& a, const T* a_t,
+           T* out_row) {
     const Geometry& g = g_;
     const int64_t half = g.kw / 2;
     rows_.fill(r, g.H, g.kh, g.dh, row_starts_);
     for (int64_t y = 0; y < rows_.count; ++y) {  // query row y: its weights of window row m
       w_row_[y] = w_rows(rows_.query[y]) + rows_.neighbor[y] * g.kw * g.W;
-      a_row_[y] = a + (p * g.H + rows_.query[y]) * g.W * g.D;
+      a_row_[y] = a.row(p, rows_.query[y]);
     }
     // Keys in [kw, W - 1 - kw] are seen by unclamped queries only (one per neighbor): bands
     // of X of them, or vector-lane key runs without a band kernel.
@@ -517,21 +548,21 @@ class InverseRows {
     auto band = [&](int64_t c, int64_t /*repeated*/) {
       for (int64_t y = 0; y < rows_.count; ++y) {
         scratch_.row_w[y] = w_row_[y] + (g.kw - 1) * g.W + c - half;
-        scratch_.row_s[y] = a_row_[y] + (c - half) * g.D;
+        scratch_.row_s[y] = a_row_[y] + (c - half) * a.pixel;
       }
-      band_run(BandRows{rows_.count, 1, 1 - g.W, g.D}, g, out_row + c * g.D, scratch_, X);
+      band_run(BandRows{rows_.count, 1, 1 - g.W, a.pixel}, g, out_row + c * g.D, scratch_, X);
     };
     auto run = [&](int64_t c, int64_t /*repeated*/) { key_run(p, c, a_t, out_row); };
     auto single = [&](int64_t c) {
       const int64_t first = column_first_[c], count = column_first_[c + 1] - first;
       const int64_t* w_offset = column_w_.data() + first;
-      const int64_t* a_offset = column_a_.data() + first;
+      const int64_t* a_column = column_a_.data() + first;
       int64_t terms = 0;
       for (int64_t y = 0; y < rows_.count; ++y) {
         const T *w_row = w_row_[y], *a_row = a_row_[y];
         for (int64_t x = 0; x < count; ++x, ++terms) {
           weights_[terms] = w_row[w_offset[x]];
-          sources_[terms] = a_row + a_offset[x];
+          sources_[terms] = a_row + a_column[x] * a.pixel;
         }
       }
       weighted_sum(weights_.data(), sources_.data(), terms, g.D, out_row + c * g.D);
@@ -594,7 +625,7 @@ class InverseRows {
 
 // The inverse sums of whole maps: w [plane][row][K2][W]. Parallel over key rows.
 template <typename T>
-void inverse_sum(const T* w, const T* a, const T* a_t, const Geometry& g, T* out) {
+void inverse_sum(const T* w, const MapView<T>& a, const T* a_t, const Geometry& g, T* out) {
   const std::vector<int64_t> row_starts = window_starts(g.H, g.kh, g.dh);
   const std::vector<int64_t> col_starts = window_starts(g.W, g.kw, g.dw);
   const int64_t map_row = g.window() * g.W;
@@ -612,7 +643,10 @@ void inverse_sum(const T* w, const T* a, const T* a_t, const Geometry& g, T* out
 // [plane][row][col][n] -> [plane][row][n][col], the layout inverse_sum reads.
 template <typename T>
 at::Tensor neighbor_major(const at::Tensor& w, const Geometry& g) {
-  return transposed_rows<T>(w, g.planes * g.H, g.W, g.window());
+  const T* src = w.data_ptr<T>();
+  const int64_t row = g.W * g.window();
+  return transposed_rows<T>([&](int64_t r) { return src + r * row; }, g.window(),
+                            g.planes * g.H, g.W, g.window(), w.options());
 }
 
 // ------------------------------------------------------------------ rpb gradient
@@ -671,14 +705,14 @@ inline void run_dot_group(const T* a, int64_t a_stride, const T* b, int64_t b_st
 }
 
 // buf[(m*kw + n)*L + t] = a[query j0 + t] . b[key row m, column j0 + t + (n - kw/2) dw].
-// a_row: the query row of a as it is, [W][C]: the run's queries are transposed into
-// a_block ([C][L], in cache) rather than the whole map; b_rows[m]: window row m of b,
-// transposed in natural column order ([C][W]).
+// a_row: the query row of a as it is, [W][C] with columns a_pixel apart: the run's queries
+// are transposed into a_block ([C][L], in cache) rather than the whole map; b_rows[m]: window
+// row m of b, transposed in natural column order ([C][W]).
 template <typename T>
-void run_scores(const T* a_row, const T* const* b_rows, int64_t j0, const Geometry& g,
-                T* a_block, T* buf) {
+void run_scores(const T* a_row, int64_t a_pixel, const T* const* b_rows, int64_t j0,
+                const Geometry& g, T* a_block, T* buf) {
   constexpr int64_t L = Vec<T>::size();
-  transpose(a_row + j0 * g.D, g.D, a_block, L, L, g.D);
+  transpose(a_row + j0 * a_pixel, a_pixel, a_block, L, L, g.D);
   const int64_t first_column = j0 - (g.kw / 2) * g.dw;
   for (int64_t m = 0; m < g.kh; ++m) {
     const T* b_row = b_rows[m] + first_column;
@@ -880,14 +914,14 @@ void walk_row(const Geometry& g, RunFn&& run, QueriesFn&& queries) {
 }
 
 // Transposed copies ([channel][position] + a vector of zeroed slack) of single rows of a
-// [plane][row][col][C] map, made on first use into a small direct-mapped cache of one
+// map, made on first use into a small direct-mapped cache of one
 // thread. A query row's window rows are mostly its predecessor's, so each row is copied
 // about once per thread and stays in cache; no whole-map copy is made (a fresh temporary of
 // tens of MB page-faults on every call: ~1/4 of the fused backward at cls stage 1).
 template <typename T>
 class RowCopies {
  public:
-  RowCopies(const T* map, const Geometry& g, const ColumnOrder& order)
+  RowCopies(const MapView<T>& map, const Geometry& g, const ColumnOrder& order)
       : map_(map), g_(g), slots_((g.kh + 1) * g.dh), size_(g.D * g.W + Vec<T>::size()),
         tag_(slots_, -1),
         gathered_(order.dilation > 1 ? g.W * g.D : 0), column_at_(g.W) {
@@ -903,18 +937,20 @@ class RowCopies {
     if (data_.empty()) data_.assign(slots_ * size_, T(0));
     T* dst = data_.data() + slot * size_;
     tag_[slot] = tag;
-    const T* src = map_ + tag * g.W * g.D;
+    const T* src = map_.row(plane, row);
+    int64_t pixel = map_.pixel;
     if (!gathered_.empty()) {  // residue-class order: gather the columns first
       for (int64_t pos = 0; pos < g.W; ++pos)
-        std::copy_n(src + column_at_[pos] * g.D, g.D, gathered_.data() + pos * g.D);
+        std::copy_n(src + column_at_[pos] * pixel, g.D, gathered_.data() + pos * g.D);
       src = gathered_.data();
+      pixel = g.D;
     }
-    transpose(src, g.D, dst, g.W, g.W, g.D);
+    transpose(src, pixel, dst, g.W, g.W, g.D);
     return dst;
   }
 
  private:
-  const T* map_;
+  const MapView<T> map_;
   const Geometry& g_;
   const int64_t slots_, size_;
   std::vector<T> data_;
@@ -928,7 +964,7 @@ class RowCopies {
 template <typename T>
 class WindowRows {
  public:
-  WindowRows(const T* map, const Geometry& g, const ColumnOrder& order)
+  WindowRows(const MapView<T>& map, const Geometry& g, const ColumnOrder& order)
       : g_(g), natural_(map, g, ColumnOrder(g.W, 1)), grouped_(map, g, order),
         has_runs_(g.W - 2 * (g.kw / 2) * g.dw >= Vec<T>::size()), natural_rows_(g.kh),
         grouped_rows_(g.kh) {}
@@ -958,7 +994,7 @@ struct ForwardRowState {
   std::vector<const T*> neighbors;
   BandScratch<T> band;
   WindowRows<T> keys;
-  ForwardRowState(const T* key, const Geometry& g, const ColumnOrder& order)
+  ForwardRowState(const MapView<T>& key, const Geometry& g, const ColumnOrder& order)
       : scores(kWindowQueries * stride(g)), run(g.window() * Vec<T>::size()),
         bias(g.window(), T(0)), a_block(g.D * Vec<T>::size()), neighbors(g.window()),
         band(g.kh), keys(key, g, order) {}
@@ -983,17 +1019,17 @@ template <typename T>
 struct BackwardInputs {
   const Geometry& g;
   const ColumnOrder& order;
-  const T *qp, *kp, *vp, *gop, *outp, *lp, *bp;
+  const MapView<T> q, k, v, go, out;
+  const T *lp, *bp;
   T *gqp, *bins;
   const T scale;
   const bool band;
 
-  BackwardInputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                 const at::Tensor& go, const at::Tensor& o, const at::Tensor& lse,
+  BackwardInputs(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
+                 const at::Tensor& go_, const at::Tensor& o, const at::Tensor& lse,
                  const at::Tensor& bias, const ColumnOrder& order_, const Geometry& g_,
                  double scale_, at::Tensor& grad_q, at::Tensor& partial)
-      : g(g_), order(order_), qp(q.data_ptr<T>()), kp(k.data_ptr<T>()), vp(v.data_ptr<T>()),
-        gop(go.data_ptr<T>()), outp(o.data_ptr<T>()), lp(lse.data_ptr<T>()),
+      : g(g_), order(order_), q(q_), k(k_), v(v_), go(go_), out(o), lp(lse.data_ptr<T>()),
         bp(optional_data<T>(bias)), gqp(grad_q.data_ptr<T>()), bins(partial.data_ptr<T>()),
         scale(static_cast<T>(scale_)), band(band_supported<T>(g_)) {}
 };
@@ -1008,8 +1044,8 @@ class BackwardQueryRows {
       : in_(in), K2_(in.g.window()), p_(kWindowQueries * (K2_ + L)),
         dp_(kWindowQueries * (K2_ + L)), run_p_(K2_ * L),
         run_dp_(K2_ * L), run_bias_row_(K2_), delta_(L), run_bins_(K2_ * L), a_block_(in.g.D * L),
-        neighbors_(K2_), scratch_(in.g.kh), k_rows_(in.kp, in.g, in.order),
-        v_rows_(in.vp, in.g, in.order) {}
+        neighbors_(K2_), scratch_(in.g.kh), k_rows_(in.k, in.g, in.order),
+        v_rows_(in.v, in.g, in.order) {}
 
   void row(int64_t plane, int64_t row, T* p_map, T* ds_map, bool own) {
     const Geometry& g = in_.g;
@@ -1029,10 +1065,11 @@ class BackwardQueryRows {
       any_run = true;
     }, [&](int64_t j0, int64_t count, const AxisWindow& window) {  // sharing one window
       const int64_t stride = K2_ + L;
-      const T* go0 = in_.gop + (row_q0 + j0) * g.D;
-      window_scores(in_.qp + (row_q0 + j0) * g.D, count, k_rows_.grouped(), window, in_.order,
-                    g, p_.data(), stride);
-      window_scores(go0, count, v_rows_.grouped(), window, in_.order, g, dp_.data(), stride);
+      const T* go0 = in_.go.at(plane, row, j0);
+      window_scores(in_.q.at(plane, row, j0), in_.q.pixel, count, k_rows_.grouped(), window,
+                    in_.order, g, p_.data(), stride);
+      window_scores(go0, in_.go.pixel, count, v_rows_.grouped(), window, in_.order, g,
+                    dp_.data(), stride);
       for (int64_t t = 0; t < count; ++t) {
         const int64_t j = j0 + t, q_index = row_q0 + j;
         const AxisWindow cw = axis_window(j, g.W, g.kw, g.dw);
@@ -1042,7 +1079,7 @@ class BackwardQueryRows {
         scale_in_place(p, K2_, in_.scale);
         if (rpb_head) add_bias(p, rpb_head, qr.rw, cw, g);
         exp_shifted(p, K2_, in_.lp[q_index]);
-        const T d = dot(go0 + t * g.D, in_.outp + q_index * g.D, g.D);
+        const T d = dot(go0 + t * in_.go.pixel, in_.out.at(plane, row, j), g.D);
         for (int64_t n = 0; n < K2_; ++n) ds[n] = p[n] * (ds[n] - d);
         if (own) accumulate_bias_grad(ds, qr.rw, cw, g, row_bins);
         for (int64_t n = 0; n < K2_; ++n) {
@@ -1074,15 +1111,16 @@ class BackwardQueryRows {
     using V = Vec<T>;
     const Geometry& g = in_.g;
     const int64_t row_q0 = (qr.plane * g.H + qr.row) * g.W;
-    run_scores(in_.qp + row_q0 * g.D, k_rows_.natural(), j0, g, a_block_.data(),
-               run_p_.data());
+    const T *q_row = in_.q.row(qr.plane, qr.row), *go_row = in_.go.row(qr.plane, qr.row);
+    const T* out_row = in_.out.row(qr.plane, qr.row);
+    run_scores(q_row, in_.q.pixel, k_rows_.natural(), j0, g, a_block_.data(), run_p_.data());
     run_probabilities(run_p_.data(), K2_, rpb_head ? run_bias_row_.data() : nullptr,
                       in_.scale, in_.lp + row_q0 + j0);
-    run_scores(in_.gop + row_q0 * g.D, v_rows_.natural(), j0, g, a_block_.data(),
+    run_scores(go_row, in_.go.pixel, v_rows_.natural(), j0, g, a_block_.data(),
                run_dp_.data());
     for (int64_t t = 0; t < L; ++t) {
-      const int64_t q_index = row_q0 + j0 + t;
-      delta_[t] = dot(in_.gop + q_index * g.D, in_.outp + q_index * g.D, g.D);
+      const int64_t j = j0 + t;
+      delta_[t] = dot(go_row + j * in_.go.pixel, out_row + j * in_.out.pixel, g.D);
     }
     const V vdelta = V::loadu(delta_.data()), vscale(in_.scale);
     for (int64_t n = 0; n < K2_; ++n) {  // ds = p * (dp - delta): bins; scaled: the rest
@@ -1099,9 +1137,9 @@ class BackwardQueryRows {
     }
     if (!own) return;
     if (in_.band) {
-      const T* k_plane = in_.kp + qr.plane * g.H * g.W * g.D;
-      band_run(query_band(run_dp_.data(), g.kw * L, 1, L, k_plane, qr.rw, j0, g, scratch_), g,
-               in_.gqp + (row_q0 + j0) * g.D, scratch_);
+      band_run(query_band(run_dp_.data(), g.kw * L, 1, L, in_.k, qr.plane, qr.rw, j0, g,
+                          scratch_),
+               g, in_.gqp + (row_q0 + j0) * g.D, scratch_);
     } else {
       for (int64_t t = 0; t < L; ++t) grad_query(qr, j0 + t, run_dp_.data() + t, L);
     }
@@ -1110,8 +1148,8 @@ class BackwardQueryRows {
   // grad_q[q] = sum_n ds[n * stride] k[neighbor n of query j]  (ds carries the scale)
   void grad_query(const QueryRow& qr, int64_t j, const T* ds, int64_t stride) {
     const Geometry& g = in_.g;
-    const T* k_plane = in_.kp + qr.plane * g.H * g.W * g.D;
-    neighbor_rows(k_plane, qr.rw, axis_window(j, g.W, g.kw, g.dw), g, neighbors_.data());
+    neighbor_rows(in_.k, qr.plane, qr.rw, axis_window(j, g.W, g.kw, g.dw), g,
+                  neighbors_.data());
     weighted_sum(ds, neighbors_.data(), K2_, g.D,
                  in_.gqp + ((qr.plane * g.H + qr.row) * g.W + j) * g.D, stride);
   }
@@ -1147,30 +1185,31 @@ at::Tensor na2d_qk_cpu(const at::Tensor& query, const at::Tensor& key,
                        at::IntArrayRef dilation) {
   check_qk_args(query, key, rpb, kernel_size, dilation);
   const Geometry g(query, kernel_size, dilation);
-  const at::Tensor q = as_compute(query), k = as_compute(key);
+  const at::Tensor q = as_compute_map(query), k = as_compute_map(key);
   const at::Tensor bias = has_rpb(rpb) ? as_compute(*rpb) : at::Tensor();
   at::Tensor attn = scratch_empty(attn_sizes(g), q.options());
   const ColumnOrder order(g.W, g.dw);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "nat_mm_na2d_qk_cpu", [&] {
     using T = scalar_t;
     constexpr int64_t L = Vec<T>::size();
-    const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *bp = optional_data<T>(bias);
+    const MapView<T> qm(q), km(k);
+    const T* bp = optional_data<T>(bias);
     T* out = attn.data_ptr<T>();
     const int64_t K2 = g.window();
-    auto make_state = [&] { return ForwardRowState<T>(kp, g, order); };
+    auto make_state = [&] { return ForwardRowState<T>(km, g, order); };
     for_each_query_row(g, make_state, [&](const QueryRow& qr, ForwardRowState<T>& st) {
       const T* rpb_head = bp ? bp + (qr.plane % g.heads) * g.bias_bins() : nullptr;
       st.start_row(qr, rpb_head, g);
       const int64_t row_q0 = (qr.plane * g.H + qr.row) * g.W;
       walk_row<T>(g, [&](int64_t j0, int64_t /*repeated*/) {
-        run_scores(qp + row_q0 * g.D, st.keys.natural(), j0, g, st.a_block.data(),
-                   st.run.data());
+        run_scores(qm.row(qr.plane, qr.row), qm.pixel, st.keys.natural(), j0, g,
+                   st.a_block.data(), st.run.data());
         T* dst = out + (row_q0 + j0) * K2;
         for (int64_t n = 0; n < K2; ++n)
           for (int64_t t = 0; t < L; ++t) dst[t * K2 + n] = st.run[n * L + t] + st.bias[n];
       }, [&](int64_t j0, int64_t count, const AxisWindow& window) {
-        window_scores(qp + (row_q0 + j0) * g.D, count, st.keys.grouped(), window, order, g,
-                      st.scores.data(), st.stride(g));
+        window_scores(qm.at(qr.plane, qr.row, j0), qm.pixel, count, st.keys.grouped(), window,
+                      order, g, st.scores.data(), st.stride(g));
         for (int64_t t = 0; t < count; ++t) {
           T* scores = st.scores.data() + t * st.stride(g);
           const AxisWindow cw = axis_window(j0 + t, g.W, g.kw, g.dw);
@@ -1187,19 +1226,19 @@ at::Tensor na2d_av_cpu(const at::Tensor& attn, const at::Tensor& value,
                        at::IntArrayRef kernel_size, at::IntArrayRef dilation) {
   check_weights_args(attn, "attn", value, "value", kernel_size, dilation);
   const Geometry g(value, kernel_size, dilation);
-  const at::Tensor a = as_compute(attn), v = as_compute(value);
+  const at::Tensor a = as_compute(attn), v = as_compute_map(value);
   at::Tensor out = scratch_empty(v.sizes(), v.options());
   AT_DISPATCH_FLOATING_TYPES(v.scalar_type(), "nat_mm_na2d_av_cpu", [&] {
     using T = scalar_t;
-    const T *ap = a.data_ptr<T>(), *vp = v.data_ptr<T>();
+    const T* ap = a.data_ptr<T>();
+    const MapView<T> vm(v);
     T* op = out.data_ptr<T>();
     for_each_query_row(g, [&](const QueryRow& qr) {
       std::vector<const T*> neighbors(g.window());
-      const T* v_plane = vp + qr.plane * g.H * g.W * g.D;
       for (int64_t j = 0; j < g.W; ++j) {
         const AxisWindow cw = axis_window(j, g.W, g.kw, g.dw);
         const int64_t q_index = (qr.plane * g.H + qr.row) * g.W + j;
-        neighbor_rows(v_plane, qr.rw, cw, g, neighbors.data());
+        neighbor_rows(vm, qr.plane, qr.rw, cw, g, neighbors.data());
         weighted_sum(ap + q_index * g.window(), neighbors.data(), g.window(), g.D,
                      op + q_index * g.D);
       }
@@ -1212,15 +1251,15 @@ at::Tensor na2d_inverse_cpu(const at::Tensor& weights, const at::Tensor& source,
                             at::IntArrayRef kernel_size, at::IntArrayRef dilation) {
   check_weights_args(weights, "weights", source, "source", kernel_size, dilation);
   const Geometry g(source, kernel_size, dilation);
-  const at::Tensor w = as_compute(weights), a = as_compute(source);
+  const at::Tensor w = as_compute(weights), a = as_compute_map(source);
   at::Tensor out = scratch_empty(a.sizes(), a.options());
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "nat_mm_na2d_inverse_cpu", [&] {
     using T = scalar_t;
+    const MapView<T> am(a);
     const at::Tensor a_t =  // read by key runs without a band kernel only
-        band_supported<T>(g) ? at::Tensor() : channels_by_column<T>(a, g);
+        band_supported<T>(g) ? at::Tensor() : channels_by_column<T>(am, g, a.options());
     const at::Tensor w_n = neighbor_major<T>(w, g);
-    inverse_sum(w_n.data_ptr<T>(), a.data_ptr<T>(), optional_data<T>(a_t), g,
-                out.data_ptr<T>());
+    inverse_sum(w_n.data_ptr<T>(), am, optional_data<T>(a_t), g, out.data_ptr<T>());
   });
   return out.to(source.scalar_type());
 }
@@ -1255,7 +1294,8 @@ std::tuple<at::Tensor, at::Tensor> na2d_fused_cpu(const at::Tensor& query,
                                                   at::IntArrayRef dilation, double scale) {
   check_fused_args(query, key, value, rpb, kernel_size, dilation);
   const Geometry g(query, kernel_size, dilation);
-  const at::Tensor q = as_compute(query), k = as_compute(key), v = as_compute(value);
+  const at::Tensor q = as_compute_map(query), k = as_compute_map(key);
+  const at::Tensor v = as_compute_map(value);
   const at::Tensor bias = has_rpb(rpb) ? as_compute(*rpb) : at::Tensor();
   at::Tensor out = scratch_empty(q.sizes(), q.options());
   at::Tensor lse = scratch_empty({g.batch, g.heads, g.H, g.W}, q.options());
@@ -1263,36 +1303,37 @@ std::tuple<at::Tensor, at::Tensor> na2d_fused_cpu(const at::Tensor& query,
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "nat_mm_na2d_fused_cpu", [&] {
     using T = scalar_t;
     constexpr int64_t L = Vec<T>::size();
-    const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
+    const MapView<T> qm(q), km(k), vm(v);
     const T* bp = optional_data<T>(bias);
     T *op = out.data_ptr<T>(), *lp = lse.data_ptr<T>();
     const T s = static_cast<T>(scale);
     const int64_t K2 = g.window();
     const bool band = band_supported<T>(g);
-    auto make_state = [&] { return ForwardRowState<T>(kp, g, order); };
+    auto make_state = [&] { return ForwardRowState<T>(km, g, order); };
     for_each_query_row(g, make_state, [&](const QueryRow& qr, ForwardRowState<T>& st) {
       const T* rpb_head = bp ? bp + (qr.plane % g.heads) * g.bias_bins() : nullptr;
       st.start_row(qr, rpb_head, g);
-      const T* v_plane = vp + qr.plane * g.H * g.W * g.D;
       const int64_t row_q0 = (qr.plane * g.H + qr.row) * g.W;
       // out[q] = sum_n p[n * stride] v[neighbor n of query j]
       auto attend = [&](int64_t j, const T* p, int64_t stride) {
-        neighbor_rows(v_plane, qr.rw, axis_window(j, g.W, g.kw, g.dw), g, st.neighbors.data());
+        neighbor_rows(vm, qr.plane, qr.rw, axis_window(j, g.W, g.kw, g.dw), g,
+                      st.neighbors.data());
         weighted_sum(p, st.neighbors.data(), K2, g.D, op + (row_q0 + j) * g.D, stride);
       };
       walk_row<T>(g, [&](int64_t j0, int64_t /*repeated*/) {
         T* run = st.run.data();
-        run_scores(qp + row_q0 * g.D, st.keys.natural(), j0, g, st.a_block.data(), run);
+        run_scores(qm.row(qr.plane, qr.row), qm.pixel, st.keys.natural(), j0, g,
+                   st.a_block.data(), run);
         run_softmax(run, K2, rpb_head ? st.bias.data() : nullptr, s, lp + row_q0 + j0);
         if (band) {
-          band_run(query_band(run, g.kw * L, 1, L, v_plane, qr.rw, j0, g, st.band), g,
+          band_run(query_band(run, g.kw * L, 1, L, vm, qr.plane, qr.rw, j0, g, st.band), g,
                    op + (row_q0 + j0) * g.D, st.band);
         } else {
           for (int64_t t = 0; t < L; ++t) attend(j0 + t, run + t, L);
         }
       }, [&](int64_t j0, int64_t count, const AxisWindow& window) {
-        window_scores(qp + (row_q0 + j0) * g.D, count, st.keys.grouped(), window, order, g,
-                      st.scores.data(), st.stride(g));
+        window_scores(qm.at(qr.plane, qr.row, j0), qm.pixel, count, st.keys.grouped(), window,
+                      order, g, st.scores.data(), st.stride(g));
         for (int64_t t = 0; t < count; ++t) {
           const int64_t j = j0 + t;
           T* probs = st.scores.data() + t * st.stride(g);
@@ -1314,8 +1355,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_fused_backward_c
     double scale) {
   check_fused_backward_args(grad_out, query, key, value, rpb, out, lse, kernel_size, dilation);
   const Geometry g(query, kernel_size, dilation);
-  const at::Tensor q = as_compute(query), k = as_compute(key), v = as_compute(value);
-  const at::Tensor go = as_compute(grad_out), o = as_compute(out);
+  const at::Tensor q = as_compute_map(query), k = as_compute_map(key);
+  const at::Tensor v = as_compute_map(value), go = as_compute_map(grad_out);
+  const at::Tensor o = as_compute_map(out);
   const at::Tensor l = lse.to(q.scalar_type()).contiguous();
   const at::Tensor bias = has_rpb(rpb) ? as_compute(*rpb) : at::Tensor();
   at::Tensor grad_q = scratch_empty(q.sizes(), q.options());
@@ -1328,10 +1370,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_fused_backward_c
     const BackwardInputs<T> in(q, k, v, go, o, l, bias, order, g, scale, grad_q, partial);
     const std::vector<int64_t> row_starts = window_starts(g.H, g.kh, g.dh);
     const std::vector<int64_t> col_starts = window_starts(g.W, g.kw, g.dw);
-    const T *qp = q.data_ptr<T>(), *gop = go.data_ptr<T>();
     // [row][C][col] copies of q and grad_out for key runs without a band kernel
-    const at::Tensor q_t = in.band ? at::Tensor() : channels_by_column<T>(q, g);
-    const at::Tensor go_t = in.band ? at::Tensor() : channels_by_column<T>(go, g);
+    const at::Tensor q_t = in.band ? at::Tensor() : channels_by_column<T>(in.q, g, q.options());
+    const at::Tensor go_t =
+        in.band ? at::Tensor() : channels_by_column<T>(in.go, g, q.options());
     const T *qt = optional_data<T>(q_t), *got = optional_data<T>(go_t);
     T *gkp = grad_k.data_ptr<T>(), *gvp = grad_v.data_ptr<T>();
     const BackwardSegments seg(g);
@@ -1362,10 +1404,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_fused_backward_c
                       s0 <= i && i < s1);
           for (; key < s1 && inverse_range(key).last <= i; ++key) {
             const int64_t kr = key * g.dh + residue, offset = (plane * g.H + kr) * g.W * g.D;
-            inverse.row(plane, kr, [&](int64_t y) { return grad_logits.data() + slot(y); }, qp,
-                        qt, gkp + offset);
-            inverse.row(plane, kr, [&](int64_t y) { return probs.data() + slot(y); }, gop, got,
-                        gvp + offset);
+            inverse.row(plane, kr, [&](int64_t y) { return grad_logits.data() + slot(y); },
+                        in.q, qt, gkp + offset);
+            inverse.row(plane, kr, [&](int64_t y) { return probs.data() + slot(y); }, in.go,
+                        got, gvp + offset);
           }
         }
       }

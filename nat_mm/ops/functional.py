@@ -1,9 +1,10 @@
 """Public neighborhood-attention functions (heads-first layout, like NAT/NATTEN <= 0.17)."""
 from typing import Optional
 
+import torch
 from torch import Tensor
 
-from .library import op
+from .library import kernel_layout, op
 from .validation import IntOrPair, check_av, check_na2d, check_qk
 
 
@@ -36,8 +37,7 @@ def na2d(query: Tensor, key: Tensor, value: Tensor, kernel_size: IntOrPair,
     """
     kernel_size, dilation, scale = check_na2d(query, key, value, kernel_size, dilation, rpb,
                                               scale)
-    # The kernels read contiguous maps: made so here, once, the tensors autograd saves are
-    # the contiguous ones and the backward copies nothing again (the model passes views of
-    # its qkv projection).
-    query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
+    saved = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (query, key, value, rpb))
+    query, key, value = (kernel_layout(t, saved) for t in (query, key, value))
     return op('na2d_fused')(query, key, value, rpb, kernel_size, dilation, scale)[0]

@@ -48,6 +48,21 @@ def op(name: str):
     return getattr(torch.ops.nat_mm, name).default
 
 
+def kernel_layout(map_: torch.Tensor, saved_for_backward: bool = False) -> torch.Tensor:
+    """A [B, heads, H, W, C] map in the layout its device's kernels read best.
+
+    The CPU kernels read any strides with contiguous channels, so views (NAT's q/k/v out of
+    its qkv projection, grad_out out of the output projection's gradient) are read in
+    place. Maps that autograd saves for the backward are made contiguous all the same: the
+    fused backward read NAT's q/k/v views (columns 3*heads*D apart) 5-7% slower at
+    detection sizes than copying them in the forward costs (docs/benchmarks.md). The CUDA
+    kernels read contiguous maps: made so here once, so that autograd saves the contiguous
+    tensors and the backward copies nothing again.
+    """
+    in_place = map_.device.type == 'cpu' and (map_.shape[-1] <= 1 or map_.stride(-1) == 1)
+    return map_ if in_place and not saved_for_backward else map_.contiguous()
+
+
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -116,7 +131,7 @@ def _av_setup(ctx, inputs, output):
 def _av_backward(ctx, grad_out):
     attn, value = ctx.saved_tensors
     kernel_size, dilation = ctx.window
-    grad_out = grad_out.contiguous()
+    grad_out = kernel_layout(grad_out)
     need_attn, need_value = ctx.needs_input_grad[:2]
     grad_attn = (op('na2d_qk')(grad_out, value, None, kernel_size, dilation)
                  if need_attn else None)
@@ -135,7 +150,7 @@ def _fused_setup(ctx, inputs, output):
 def _fused_backward(ctx, grad_out, grad_lse):
     query, key, value, rpb, out, lse = ctx.saved_tensors
     kernel_size, dilation, scale = ctx.window
-    grads = op('na2d_fused_backward')(grad_out.contiguous(), query, key, value, rpb, out,
+    grads = op('na2d_fused_backward')(kernel_layout(grad_out), query, key, value, rpb, out,
                                       lse, kernel_size, dilation, scale)
     grad_q, grad_k, grad_v, grad_rpb = grads
     if rpb is None:
