@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from nat_mm.ops import (backend_info, na2d, na2d_av, na2d_av_reference, na2d_qk,
                         na2d_qk_reference, na2d_reference)
 from nat_mm.ops import fallback
-from nat_mm.ops.library import op
+from nat_mm.ops.library import kernel_layout, op
 
 # (batch, heads, H, W, head_dim, kernel_size, dilation)
 CASES = [
@@ -183,6 +183,29 @@ def test_non_contiguous_inputs():
     attn = torch.randn(*q.shape[:4], ks[0] * ks[1])
     torch.testing.assert_close(na2d_av(attn.transpose(2, 3).contiguous().transpose(2, 3), vn,
                                        ks, dil), na2d_av(attn, v, ks, dil))
+
+
+def test_views_are_read_in_place_and_saved_contiguous():
+    """The CPU kernels read NAT's q/k/v views (out of its qkv projection) without copies;
+    maps autograd saves for the backward, and maps for other devices, are contiguous."""
+    def qkv_views(packed):
+        return packed.permute(3, 0, 4, 1, 2, 5).unbind(0)
+
+    q, k, v = qkv_views(torch.randn(1, 9, 9, 3, 2, 8))
+    assert kernel_layout(q) is q
+    assert kernel_layout(q, saved_for_backward=True).is_contiguous()
+    on_meta = torch.empty_strided(q.shape, q.stride(), device='meta')
+    assert kernel_layout(on_meta).is_contiguous()
+    packed = torch.randn(1, 9, 9, 3, 2, 8, requires_grad=True)
+    q, k, v = qkv_views(packed)
+    out = na2d(q, k, v, 3)
+    assert all(t.is_contiguous() for t in out.grad_fn.saved_tensors[:3])
+    grad_out = torch.randn(1, 9, 9, 2, 8).permute(0, 3, 1, 2, 4)  # heads-last, read in place
+    grads = torch.autograd.grad(out, packed, grad_out)[0]
+    dense = packed.detach().clone().requires_grad_()
+    qd, kd, vd = (t.contiguous() for t in qkv_views(dense))
+    want = torch.autograd.grad(na2d(qd, kd, vd, 3), dense, grad_out.contiguous())[0]
+    assert torch.equal(grads, want)
 
 
 def test_rpb_grad_deterministic_across_threads():
