@@ -101,7 +101,8 @@ fi
 # rerun the first such test alone under gdb (the device image has only cuda-gdb, which
 # debugs host code too) for a native backtrace; the interpreter itself, not a wrapper.
 CRASHED="$(grep -o "crashed while running '[^']*'" "$LOG" | head -1 | cut -d"'" -f2)"
-DEBUGGER="$(command -v gdb || command -v cuda-gdb || ls /usr/local/cuda/bin/cuda-gdb 2>/dev/null || true)"
+DEBUGGER="$(command -v gdb || command -v cuda-gdb || ls /usr/local/cuda/bin/cuda-gdb 2>/dev/null \
+  || true)"
 if [ -n "$CRASHED" ] && [ -n "$DEBUGGER" ]; then
   step crash_backtrace 60 100 "$DEBUGGER" -q -batch -ex run -ex 'bt 40' -ex 'info sharedlibrary' \
     --args "$("$PY" -c 'import sys; print(sys.executable)')" -m pytest -q -p no:cacheprovider \
