@@ -77,19 +77,20 @@ at::ScalarType compute_type(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// x itself when it already is contiguous in the compute type, else a scratch copy.
-at::Tensor as_compute(const at::Tensor& x) {
+// x itself when it is in the compute type and its layout is readable as is, else a
+// contiguous scratch copy in the compute type.
+at::Tensor in_compute_type(const at::Tensor& x, bool layout_readable) {
   const at::ScalarType type = compute_type(x);
-  if (x.scalar_type() == type && x.is_contiguous()) return x;
+  if (x.scalar_type() == type && layout_readable) return x;
   return scratch_empty(x.sizes(), x.options().dtype(type)).copy_(x);
 }
 
-// A map the kernels read through MapView: x itself when it is in the compute type with
-// contiguous channels (whatever its other strides), else a contiguous scratch copy.
+// Read through raw pointers: contiguous.
+at::Tensor as_compute(const at::Tensor& x) { return in_compute_type(x, x.is_contiguous()); }
+
+// A map read through MapView: contiguous channels, any other strides.
 at::Tensor as_compute_map(const at::Tensor& x) {
-  const at::ScalarType type = compute_type(x);
-  if (x.scalar_type() == type && (x.size(4) <= 1 || x.stride(4) == 1)) return x;
-  return scratch_empty(x.sizes(), x.options().dtype(type)).copy_(x);
+  return in_compute_type(x, x.size(4) <= 1 || x.stride(4) == 1);
 }
 
 // An input map [B, heads, H, W, C] as the kernels read it: channels contiguous, any batch,
@@ -1059,14 +1060,17 @@ class BackwardQueryRows {
     std::fill(run_bins_.begin(), run_bins_.end(), T(0));
     bool any_run = false;
     const int64_t row_task = plane * g.H + row, row_q0 = row_task * g.W;
+    q_row_ = in_.q.row(plane, row);
+    go_row_ = in_.go.row(plane, row);
+    out_row_ = in_.out.row(plane, row);
     T* row_bins = in_.bins + row_task * g.bias_bins();
     walk_row<T>(g, [&](int64_t j0, int64_t repeated) {
       run(qr, j0, repeated, rpb_head, p_map, ds_map, own);
       any_run = true;
     }, [&](int64_t j0, int64_t count, const AxisWindow& window) {  // sharing one window
       const int64_t stride = K2_ + L;
-      const T* go0 = in_.go.at(plane, row, j0);
-      window_scores(in_.q.at(plane, row, j0), in_.q.pixel, count, k_rows_.grouped(), window,
+      const T* go0 = go_row_ + j0 * in_.go.pixel;
+      window_scores(q_row_ + j0 * in_.q.pixel, in_.q.pixel, count, k_rows_.grouped(), window,
                     in_.order, g, p_.data(), stride);
       window_scores(go0, in_.go.pixel, count, v_rows_.grouped(), window, in_.order, g,
                     dp_.data(), stride);
@@ -1079,7 +1083,7 @@ class BackwardQueryRows {
         scale_in_place(p, K2_, in_.scale);
         if (rpb_head) add_bias(p, rpb_head, qr.rw, cw, g);
         exp_shifted(p, K2_, in_.lp[q_index]);
-        const T d = dot(go0 + t * in_.go.pixel, in_.out.at(plane, row, j), g.D);
+        const T d = dot(go0 + t * in_.go.pixel, out_row_ + j * in_.out.pixel, g.D);
         for (int64_t n = 0; n < K2_; ++n) ds[n] = p[n] * (ds[n] - d);
         if (own) accumulate_bias_grad(ds, qr.rw, cw, g, row_bins);
         for (int64_t n = 0; n < K2_; ++n) {
@@ -1111,16 +1115,14 @@ class BackwardQueryRows {
     using V = Vec<T>;
     const Geometry& g = in_.g;
     const int64_t row_q0 = (qr.plane * g.H + qr.row) * g.W;
-    const T *q_row = in_.q.row(qr.plane, qr.row), *go_row = in_.go.row(qr.plane, qr.row);
-    const T* out_row = in_.out.row(qr.plane, qr.row);
-    run_scores(q_row, in_.q.pixel, k_rows_.natural(), j0, g, a_block_.data(), run_p_.data());
+    run_scores(q_row_, in_.q.pixel, k_rows_.natural(), j0, g, a_block_.data(), run_p_.data());
     run_probabilities(run_p_.data(), K2_, rpb_head ? run_bias_row_.data() : nullptr,
                       in_.scale, in_.lp + row_q0 + j0);
-    run_scores(go_row, in_.go.pixel, v_rows_.natural(), j0, g, a_block_.data(),
+    run_scores(go_row_, in_.go.pixel, v_rows_.natural(), j0, g, a_block_.data(),
                run_dp_.data());
     for (int64_t t = 0; t < L; ++t) {
       const int64_t j = j0 + t;
-      delta_[t] = dot(go_row + j * in_.go.pixel, out_row + j * in_.out.pixel, g.D);
+      delta_[t] = dot(go_row_ + j * in_.go.pixel, out_row_ + j * in_.out.pixel, g.D);
     }
     const V vdelta = V::loadu(delta_.data()), vscale(in_.scale);
     for (int64_t n = 0; n < K2_; ++n) {  // ds = p * (dp - delta): bins; scaled: the rest
@@ -1160,6 +1162,7 @@ class BackwardQueryRows {
   std::vector<const T*> neighbors_;
   BandScratch<T> scratch_;
   WindowRows<T> k_rows_, v_rows_;
+  const T *q_row_ = nullptr, *go_row_ = nullptr, *out_row_ = nullptr;  // of the current row
 };
 
 // The fused backward's parallel work: (plane, row residue) units, each split into
@@ -1201,14 +1204,15 @@ at::Tensor na2d_qk_cpu(const at::Tensor& query, const at::Tensor& key,
       const T* rpb_head = bp ? bp + (qr.plane % g.heads) * g.bias_bins() : nullptr;
       st.start_row(qr, rpb_head, g);
       const int64_t row_q0 = (qr.plane * g.H + qr.row) * g.W;
+      const T* q_row = qm.row(qr.plane, qr.row);
       walk_row<T>(g, [&](int64_t j0, int64_t /*repeated*/) {
-        run_scores(qm.row(qr.plane, qr.row), qm.pixel, st.keys.natural(), j0, g,
+        run_scores(q_row, qm.pixel, st.keys.natural(), j0, g,
                    st.a_block.data(), st.run.data());
         T* dst = out + (row_q0 + j0) * K2;
         for (int64_t n = 0; n < K2; ++n)
           for (int64_t t = 0; t < L; ++t) dst[t * K2 + n] = st.run[n * L + t] + st.bias[n];
       }, [&](int64_t j0, int64_t count, const AxisWindow& window) {
-        window_scores(qm.at(qr.plane, qr.row, j0), qm.pixel, count, st.keys.grouped(), window,
+        window_scores(q_row + j0 * qm.pixel, qm.pixel, count, st.keys.grouped(), window,
                       order, g, st.scores.data(), st.stride(g));
         for (int64_t t = 0; t < count; ++t) {
           T* scores = st.scores.data() + t * st.stride(g);
@@ -1314,6 +1318,7 @@ std::tuple<at::Tensor, at::Tensor> na2d_fused_cpu(const at::Tensor& query,
       const T* rpb_head = bp ? bp + (qr.plane % g.heads) * g.bias_bins() : nullptr;
       st.start_row(qr, rpb_head, g);
       const int64_t row_q0 = (qr.plane * g.H + qr.row) * g.W;
+      const T* q_row = qm.row(qr.plane, qr.row);
       // out[q] = sum_n p[n * stride] v[neighbor n of query j]
       auto attend = [&](int64_t j, const T* p, int64_t stride) {
         neighbor_rows(vm, qr.plane, qr.rw, axis_window(j, g.W, g.kw, g.dw), g,
@@ -1322,7 +1327,7 @@ std::tuple<at::Tensor, at::Tensor> na2d_fused_cpu(const at::Tensor& query,
       };
       walk_row<T>(g, [&](int64_t j0, int64_t /*repeated*/) {
         T* run = st.run.data();
-        run_scores(qm.row(qr.plane, qr.row), qm.pixel, st.keys.natural(), j0, g,
+        run_scores(q_row, qm.pixel, st.keys.natural(), j0, g,
                    st.a_block.data(), run);
         run_softmax(run, K2, rpb_head ? st.bias.data() : nullptr, s, lp + row_q0 + j0);
         if (band) {
@@ -1332,7 +1337,7 @@ std::tuple<at::Tensor, at::Tensor> na2d_fused_cpu(const at::Tensor& query,
           for (int64_t t = 0; t < L; ++t) attend(j0 + t, run + t, L);
         }
       }, [&](int64_t j0, int64_t count, const AxisWindow& window) {
-        window_scores(qm.at(qr.plane, qr.row, j0), qm.pixel, count, st.keys.grouped(), window,
+        window_scores(q_row + j0 * qm.pixel, qm.pixel, count, st.keys.grouped(), window,
                       order, g, st.scores.data(), st.stride(g));
         for (int64_t t = 0; t < count; ++t) {
           const int64_t j = j0 + t;
