@@ -4,11 +4,10 @@
 #include "mma_layout_check.h"
 
 #include <ATen/ops/full.h>
-#include <c10/util/Exception.h>
 
 #include <algorithm>
 
-#include "na2d_checks.h"  // message_int
+#include "na2d_checks.h"  // NAT_MM_CHECK, message_int
 #include "na2d_mma_layout.h"
 
 namespace nat_mm {
@@ -28,8 +27,8 @@ AxisTile axis_tile(int64_t s0, const Axis& a) {
   AxisTile t{s0, std::min<int64_t>(s0 + kMmaTile, a.len) - 1, 0, 0};
   t.k0 = sub_window_start(t.s0, a.len, a.kernel);
   t.n = sub_window_start(t.s1, a.len, a.kernel) + a.kernel - t.k0;
-  TORCH_CHECK(t.n <= a.halo, "mma layout: a tile's halo (", message_int(t.n),
-              ") exceeds the planned one (", message_int(a.halo), ")");
+  NAT_MM_CHECK(t.n <= a.halo, "mma layout: a tile's halo (", message_int(t.n),
+               ") exceeds the planned one (", message_int(a.halo), ")");
   return t;
 }
 

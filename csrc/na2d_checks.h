@@ -4,20 +4,31 @@
 // out of bounds. Defined in na2d_checks.cpp, compiled once by the host compiler: the CUDA
 // translation units only call them.
 //
-// Numbers in messages are formatted with std::to_string (message_int/message_ints), never
-// streamed into the message: on the lent H200 machine (torch 2.11, Ubuntu's g++), every
-// check of this extension whose message streamed an integer or a shape killed the process
-// with a segfault, from the CPU-compiled code as well as from nvcc's, while messages made of
-// strings only (dtype and device names) raised normally.
+// Messages are text only, joined into one std::string (NAT_MM_CHECK), with numbers made
+// text by std::to_string (message_int/message_ints): on the lent H200 machine (torch 2.11,
+// the image's own g++ in /opt/gcc), every check of this extension whose message streamed an
+// integer or a shape killed the process with a segfault, from the CPU-compiled code as well
+// as from nvcc's, while messages of strings only (dtype and device names) raised normally.
+// c10 passes a single std::string message through as is, so no iostream code compiled into
+// this module runs on the error path, and a number cannot be streamed by mistake (it does
+// not convert to a string_view: a compile error).
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <optional>
 #include <string>
+#include <string_view>
 
 namespace nat_mm {
+
+// The message pieces joined; NAT_MM_CHECK(cond, "text", name, message_int(n), ...) raises
+// c10::Error with it when cond is false (the pieces are built only then).
+std::string message(std::initializer_list<std::string_view> parts);
+#define NAT_MM_CHECK(cond, ...) TORCH_CHECK((cond), ::nat_mm::message({__VA_ARGS__}))
 
 // Message text of a number / of a shape, e.g. "[1, 2, 9, 9, 8]".
 std::string message_int(int64_t value);

@@ -203,6 +203,45 @@ def test_dinat_dilation_larger_than_map_pads():
     assert model.levels[0].blocks[1].attn.rpb.grad.abs().sum() > 0
 
 
+# ---------------------------------------------------------------- graph capture
+def _dilated_model():
+    # windows 15 / 9 / 3 / 3: levels 0, 1 and 3 pad maps below 60 / 36 / 96 pixels
+    return build(DiNAT, kernel_size=3, depths=(2, 1, 1, 1), dilations=[[1, 5], [3], [1], [1]])
+
+
+def test_compile_fullgraph_forward_and_backward():
+    """The whole backbone (padding, dilation, fused op) is one graph for torch.compile."""
+    model = _dilated_model()
+    x = torch.randn(1, 3, 40, 56)
+    compiled = torch.compile(model, fullgraph=True, backend='aot_eager')
+    eager_outs, outs = model(x), compiled(x)
+    for got, want in zip(outs, eager_outs):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    params = [p for p in model.parameters() if p.requires_grad]
+    want = torch.autograd.grad(sum(o.square().sum() for o in eager_outs), params)
+    got = torch.autograd.grad(sum(o.square().sum() for o in outs), params)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
+
+
+def test_export_with_dynamic_input_size():
+    """torch.export captures the backbone once for any batch and input size (deployment, AOTInductor):
+    the exported program matches eager on sizes other than the traced one, padded or not."""
+    model = _dilated_model().eval()
+    # sizes from 48 pixels (maps of 1 row or column at level 3 would be a special case)
+    batch = torch.export.Dim('batch', max=64)
+    height, width = (torch.export.Dim(name, min=3, max=64) for name in ('height', 'width'))
+    program = torch.export.export(model, (torch.randn(2, 3, 64, 96), ),
+                                  dynamic_shapes={'x': {0: batch, 2: 16 * height, 3: 16 * width}})
+    assert any('nat_mm.na2d_fused' in str(n.target) for n in program.graph.nodes)
+    exported = program.module()
+    with torch.no_grad():
+        for batch_size, size in [(1, (48, 64)), (3, (80, 48)), (2, (144, 112))]:
+            x = torch.randn(batch_size, 3, *size)
+            for got, want in zip(exported(x), model(x)):
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 # ---------------------------------------------------------------- training knobs
 def _frozen(module: nn.Module) -> bool:
     return not module.training and not any(p.requires_grad for p in module.parameters())

@@ -66,6 +66,11 @@ step() {
   "$PY" -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "gpu", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)'
   command -v nvcc && nvcc --version | tail -1
   "$PY" -m pytest --version 2>&1 | head -1
+  # the compiler the build will use and the libstdc++ it was made for (vs the one mapped
+  # at run time, printed after the build: a newer compiler than that runtime is suspect)
+  CXX_USED="${CXX:-c++}"
+  echo "C++ compiler: $("$CXX_USED" --version 2>&1 | head -1) (CXX=${CXX:-unset});" \
+    "its libstdc++: $(readlink -f "$("$CXX_USED" -print-file-name=libstdc++.so.6)")"
 } 2>&1 | tee -a "$LOG"
 if ! "$PY" -m pytest --version >/dev/null 2>&1; then
   log "pytest is missing: carry it as a wheel (see /work/.library/device/README.md)"
@@ -82,7 +87,14 @@ else
 fi
 if [ "${STATUS[build]}" = passed ]; then
   # the libstdc++ copies in the process: a diagnostic for the check-message crash (docs/gpu.md)
-  "$PY" -c 'import nat_mm.ops as o; print("backend:", o.backend_info()); print("libstdc++ mapped:", sorted({l.split()[-1] for l in open("/proc/self/maps") if "libstdc++" in l}))' 2>&1 | tee -a "$LOG"
+  "$PY" - <<'EOF' 2>&1 | tee -a "$LOG"
+import re
+import nat_mm.ops as o
+print("backend:", o.backend_info())
+for path in sorted({l.split()[-1] for l in open("/proc/self/maps") if "libstdc++" in l}):
+    versions = re.findall(rb"GLIBCXX_3\.4\.(\d+)", open(path, "rb").read())
+    print("libstdc++ mapped:", path, "newest GLIBCXX_3.4.%d" % max(map(int, versions)))
+EOF
 fi
 
 # ---------------------------------------------------------------- 2. tests

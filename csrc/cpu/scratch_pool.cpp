@@ -1,7 +1,7 @@
 // See scratch_pool.h.
 #include "scratch_pool.h"
 
-#include "na2d_checks.h"  // message_int
+#include "na2d_checks.h"  // NAT_MM_CHECK, message_int
 
 #include <algorithm>
 #include <cstdlib>
@@ -60,8 +60,8 @@ class Pool {
     }
     const size_t rounded = (bytes + kAlignment - 1) / kAlignment * kAlignment;
     void* ptr = std::aligned_alloc(kAlignment, rounded > 0 ? rounded : kAlignment);
-    TORCH_CHECK(ptr != nullptr, "nat_mm: out of memory allocating ",
-                message_int(static_cast<int64_t>(rounded)), " bytes of CPU scratch");
+    NAT_MM_CHECK(ptr != nullptr, "nat_mm: out of memory allocating ",
+                 message_int(static_cast<int64_t>(rounded)), " bytes of CPU scratch");
     std::lock_guard<std::mutex> lock(mutex_);
     in_use_ += rounded;
     *granted = rounded;
