@@ -205,7 +205,8 @@ def test_dinat_dilation_larger_than_map_pads():
 
 # ---------------------------------------------------------------- graph capture
 def _dilated_model():
-    # windows 15 / 9 / 3 / 3: levels 0, 1 and 3 pad maps below 60 / 36 / 96 pixels
+    # windows 15 / 9 / 3 / 3: levels 0, 1 and 3 pad the maps of inputs up to 56 / 64 / 64
+    # pixels (traced at 64x96 below: levels 1 and 3 pad rows only)
     return build(DiNAT, kernel_size=3, depths=(2, 1, 1, 1), dilations=[[1, 5], [3], [1], [1]])
 
 
@@ -225,8 +226,9 @@ def test_compile_fullgraph_forward_and_backward():
 
 
 def test_export_with_dynamic_input_size():
-    """torch.export captures the backbone once for any batch and input size (deployment, AOTInductor):
-    the exported program matches eager on sizes other than the traced one, padded or not."""
+    """torch.export captures the backbone once for any batch and input size (deployment,
+    AOTInductor): the program matches eager at sizes padded where the traced one is not and
+    the other way round."""
     model = _dilated_model().eval()
     # sizes from 48 pixels (maps of 1 row or column at level 3 would be a special case)
     batch = torch.export.Dim('batch', max=64)

@@ -8,7 +8,8 @@
 #   1. build the extension in place with the CUDA kernels (ninja, 16 jobs, sm_90)
 #   2. tests/test_cuda_ops.py (every op vs the float64 reference, all dtypes, both kernel
 #      paths, bad inputs, determinism, streams; NAT_MM_RUN_SLOW=1 adds the >2^31-element test)
-#      (a test that crashed its worker is rerun under gdb or cuda-gdb for a backtrace)
+#      (a test that crashed its worker is rerun under gdb or cuda-gdb for a backtrace, and
+#      in a copy of the tree built with /usr/bin/g++ when the build used another compiler)
 #   3. a small case of every op under compute-sanitizer memcheck (if installed)
 #   4. tools/benchmark_gpu.py with the time that is left
 # GPU_CHECK_REUSE_BUILD=1 skips step 1 when nat_mm/_C*.so exists (a rerun on a warm machine).
@@ -123,6 +124,24 @@ elif [ -n "$CRASHED" ]; then
   log "a test crashed ($CRASHED); neither gdb nor cuda-gdb is installed, so no native backtrace"
 fi
 
+# Is the image's compiler the cause? The image builds with its own GCC (/opt/gcc, through
+# CXX/CC; docs/gpu.md): build a copy of the tree with the system compiler and rerun the
+# crashed test there. The main build stays as it was for the later steps.
+SYS_CXX=/usr/bin/g++
+if [ -n "$CRASHED" ] && [ -x "$SYS_CXX" ] && [ -x /usr/bin/gcc ] && \
+    [ "$(readlink -f "$(command -v "${CXX:-c++}")")" != "$(readlink -f "$SYS_CXX")" ]; then
+  ALT=/tmp/nat_mm_system_cxx
+  rm -rf "$ALT" && mkdir -p "$ALT" && cp -r setup.py pyproject.toml pytest.ini csrc nat_mm tests "$ALT"/
+  rm -f "$ALT"/nat_mm/_C*.so
+  "$SYS_CXX" --version | head -1 | tee -a "$LOG"
+  step system_cxx_build 150 110 env -C "$ALT" CXX="$SYS_CXX" CC=/usr/bin/gcc \
+    "$PY" setup.py build_ext --inplace
+  if [ "${STATUS[system_cxx_build]}" = passed ]; then
+    step system_cxx_crashed_test 60 90 env -C "$ALT" PYTHONPATH="$ALT" "$PY" -m pytest -q \
+      -p no:cacheprovider "$CRASHED"
+  fi
+fi
+
 # ---------------------------------------------------------------- 3. compute-sanitizer
 SAN="$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)"
 SAN_SCRIPT="$(mktemp /tmp/nat_mm_sanitizer.XXXXXX.py)"
@@ -178,7 +197,9 @@ fi
 # ---------------------------------------------------------------- report
 TOTAL=$(($(date +%s) - T0))
 STEPS_JSON="{"
-for s in build tests sanitizer benchmark; do
+for s in build tests crash_backtrace system_cxx_build system_cxx_crashed_test sanitizer \
+    benchmark; do
+  case "$s" in crash_backtrace|system_cxx_*) [ -n "${STATUS[$s]:-}" ] || continue ;; esac
   STEPS_JSON+="\"$s\": {\"status\": \"${STATUS[$s]:-not run}\", \"seconds\": ${SECONDS_TAKEN[$s]:-0}},"
 done
 STEPS_JSON="${STEPS_JSON%,}}"
@@ -219,7 +240,7 @@ json.dump(info, open(os.path.join(report_dir, 'gpu_check.json'), 'w'), indent=1)
 lines = [f"nat_mm gpu_check on {info.get('gpu')} (torch {info.get('torch')}): "
          f"{'OK' if info['ok'] else 'NOT OK'} in {total} s"]
 for name, s in steps.items():
-    lines.append(f"  {name:10s} {s['status']} ({s['seconds']} s)")
+    lines.append(f"  {name:23s} {s['status']} ({s['seconds']} s)")
 if 'tests' in info:
     t = info['tests']
     lines.append(f"  tests: {t['tests']} collected, {executed} executed, {t['failures']} failures, "
