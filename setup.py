@@ -69,6 +69,7 @@ def main():
         packages=find_packages(include=['nat_mm', 'nat_mm.*']),
         python_requires='>=3.9',
         install_requires=['torch>=2.4', 'numpy'],
+        extras_require={'onnx': ['onnx', 'onnxscript', 'onnxruntime']},
         ext_modules=extensions(),
         cmdclass={'build_ext': BuildExtension.with_options(use_ninja=True)},
         zip_safe=False,

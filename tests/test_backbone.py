@@ -10,7 +10,7 @@ from nat_mm.models import DiNAT, NAT
 from nat_mm.models.attention import NeighborhoodAttention
 from nat_mm.models.presets import DILATION_PRESETS, resolve_dilations
 from nat_mm.ops import na2d_av_reference, na2d_qk_reference
-from test_backbone_utils import TINY_KWARGS
+from test_backbone_utils import TINY_KWARGS, padded_dinat
 
 warnings.filterwarnings('ignore', message='nat_mm: ', category=RuntimeWarning)
 
@@ -204,15 +204,9 @@ def test_dinat_dilation_larger_than_map_pads():
 
 
 # ---------------------------------------------------------------- graph capture
-def _dilated_model():
-    # windows 15 / 9 / 3 / 3: levels 0, 1 and 3 pad the maps of inputs up to 56 / 64 / 64
-    # pixels (traced at 64x96 below: levels 1 and 3 pad rows only)
-    return build(DiNAT, kernel_size=3, depths=(2, 1, 1, 1), dilations=[[1, 5], [3], [1], [1]])
-
-
 def test_compile_fullgraph_forward_and_backward():
     """The whole backbone (padding, dilation, fused op) is one graph for torch.compile."""
-    model = _dilated_model()
+    model = padded_dinat()
     x = torch.randn(1, 3, 40, 56)
     compiled = torch.compile(model, fullgraph=True, backend='aot_eager')
     eager_outs, outs = model(x), compiled(x)
@@ -223,25 +217,6 @@ def test_compile_fullgraph_forward_and_backward():
     got = torch.autograd.grad(sum(o.square().sum() for o in outs), params)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
-
-
-def test_export_with_dynamic_input_size():
-    """torch.export captures the backbone once for any batch and input size (deployment,
-    AOTInductor): the program matches eager at sizes padded where the traced one is not and
-    the other way round."""
-    model = _dilated_model().eval()
-    # sizes from 48 pixels (maps of 1 row or column at level 3 would be a special case)
-    batch = torch.export.Dim('batch', max=64)
-    height, width = (torch.export.Dim(name, min=3, max=64) for name in ('height', 'width'))
-    program = torch.export.export(model, (torch.randn(2, 3, 64, 96), ),
-                                  dynamic_shapes={'x': {0: batch, 2: 16 * height, 3: 16 * width}})
-    assert any('nat_mm.na2d_fused' in str(n.target) for n in program.graph.nodes)
-    exported = program.module()
-    with torch.no_grad():
-        for batch_size, size in [(1, (48, 64)), (3, (80, 48)), (2, (144, 112))]:
-            x = torch.randn(batch_size, 3, *size)
-            for got, want in zip(exported(x), model(x)):
-                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------- training knobs

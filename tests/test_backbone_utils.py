@@ -5,9 +5,19 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
+from nat_mm.models import DiNAT
+
 # A 4-level model small enough for fast CPU tests (head_dim 16).
 TINY_KWARGS = dict(arch=None, embed_dims=32, depths=(1, 1, 1, 1), num_heads=(2, 2, 4, 4),
                    mlp_ratio=2.0, drop_path_rate=0.)
+
+
+def padded_dinat():
+    """A small DiNAT whose levels pad in different regimes for different input sizes
+    (graph capture tests): windows 15 / 9 / 3 / 3, so levels 0, 1 and 3 pad the maps of
+    inputs up to 56 / 64 / 64 pixels; at 64x96, levels 1 and 3 pad rows only."""
+    return DiNAT(**dict(TINY_KWARGS, kernel_size=3, depths=(2, 1, 1, 1),
+                        dilations=[[1, 5], [3], [1], [1]]))
 
 
 def upstream_state_dict(embed_dims: int, depths: Sequence[int], num_heads: Sequence[int],

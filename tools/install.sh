@@ -5,6 +5,7 @@
 #              torch yourself first for GPUs, then run this)
 #   mm stack   mmengine 0.10.7, mmcv 2.1.0 built from source WITH ops (~10 min on 2 cores
 #              the first time; pip caches the wheel), mmdet 3.3.0, mmsegmentation 1.2.2
+#   ONNX       onnx, onnxscript, onnxruntime (tools/export_onnx.py)
 #   nat_mm     pip install -e . --no-build-isolation (builds nat_mm._C: C++ kernels, plus
 #              CUDA kernels when torch has CUDA and nvcc exists)
 set -euo pipefail
@@ -27,6 +28,8 @@ if ! "$PY" -c "import mmcv, mmcv.ops; assert mmcv.__version__ == '2.1.0'" 2>/dev
     MMCV_WITH_OPS=1 MAX_JOBS=${MAX_JOBS:-2} pip_install --no-build-isolation "mmcv==2.1.0"
 fi
 pip_install "mmdet==3.3.0" "mmsegmentation==1.2.2"
+say "ONNX export (tools/export_onnx.py) and its check"
+pip_install "onnx" "onnxscript" "onnxruntime"
 say "nat_mm (builds the C++/CUDA extension)"
 MAX_JOBS=${MAX_JOBS:-2} pip_install --no-build-isolation -e .
 "$PY" -c "import nat_mm; from nat_mm.ops import backend_info; print('nat_mm', nat_mm.__version__, backend_info())"

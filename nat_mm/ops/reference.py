@@ -26,7 +26,7 @@ def axis_neighbors(length: int, kernel: int, dilation: int,
     return keys, bias
 
 
-def _neighbors_2d(height: int, width: int, kernel_size: Pair, dilation: Pair, device):
+def neighbors_2d(height: int, width: int, kernel_size: Pair, dilation: Pair, device):
     rows, row_bias = axis_neighbors(height, kernel_size[0], dilation[0], device)
     cols, col_bias = axis_neighbors(width, kernel_size[1], dilation[1], device)
     return rows, row_bias, cols, col_bias
@@ -42,7 +42,7 @@ def na2d_qk_reference(query: Tensor, key: Tensor, kernel_size: Pair, dilation: P
     """attn[b, h, i, j, m*kw + n] = query[b, h, i, j] . key[neighbor (m, n)] (+ rpb)."""
     kh, kw = kernel_size
     height, width = query.shape[2:4]
-    rows, row_bias, cols, col_bias = _neighbors_2d(height, width, kernel_size, dilation,
+    rows, row_bias, cols, col_bias = neighbors_2d(height, width, kernel_size, dilation,
                                                    query.device)
     scores = []
     for m in range(kh):
@@ -59,7 +59,7 @@ def na2d_av_reference(attn: Tensor, value: Tensor, kernel_size: Pair,
     """out[b, h, i, j] = sum over neighbors (m, n) of attn[..., m*kw + n] * value[neighbor]."""
     kh, kw = kernel_size
     height, width = value.shape[2:4]
-    rows, _, cols, _ = _neighbors_2d(height, width, kernel_size, dilation, value.device)
+    rows, _, cols, _ = neighbors_2d(height, width, kernel_size, dilation, value.device)
     out = torch.zeros_like(value, dtype=torch.promote_types(attn.dtype, value.dtype))
     for m in range(kh):
         for n in range(kw):
@@ -86,7 +86,7 @@ def na2d_inverse_reference(weights: Tensor, source: Tensor, kernel_size: Pair,
     """
     kh, kw = kernel_size
     batch, heads, height, width, dim = source.shape
-    rows, _, cols, _ = _neighbors_2d(height, width, kernel_size, dilation, source.device)
+    rows, _, cols, _ = neighbors_2d(height, width, kernel_size, dilation, source.device)
     acc_dtype = torch.promote_types(weights.dtype, source.dtype)
     out = source.new_zeros((height, width, batch, heads, dim), dtype=acc_dtype)
     src = source.permute(2, 3, 0, 1, 4).to(acc_dtype)
@@ -104,7 +104,7 @@ def na2d_rpb_grad_reference(grad_attn: Tensor, kernel_size: Pair, dilation: Pair
     """Gradient of the relative position bias: grad_attn summed into its bias bins."""
     kh, kw = kernel_size
     heads, height, width = grad_attn.shape[1:4]
-    _, row_bias, _, col_bias = _neighbors_2d(height, width, kernel_size, dilation,
+    _, row_bias, _, col_bias = neighbors_2d(height, width, kernel_size, dilation,
                                              grad_attn.device)
     acc_dtype = torch.float64 if grad_attn.dtype == torch.float64 else torch.float32
     per_query = grad_attn.to(acc_dtype).sum(0).permute(1, 2, 0, 3)  # [H, W, heads, kh*kw]
