@@ -4,7 +4,7 @@
 run the exported program and AOTInductor packages). ONNX has no neighborhood-attention
 op, so for ONNX the ops are first decomposed into standard ones (gathers of each window
 row's neighbors, batched matrix products, a softmax; the index math of the pure-PyTorch
-reference), which ONNX Runtime and TensorRT run like any other graph::
+reference), which ONNX Runtime runs like any other graph::
 
     from nat_mm.export import export_backbone, export_onnx
     program = export_backbone(model, min_size=48, max_size=1344)    # any batch, H, W

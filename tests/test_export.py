@@ -6,7 +6,8 @@ import warnings
 import pytest
 import torch
 
-from nat_mm.export import decompose_na, export_backbone, export_onnx
+from nat_mm.export import decompose_na, export_backbone, export_onnx, na_decompositions
+from nat_mm.ops import na2d_av_reference, na2d_qk_reference, na2d_reference
 from test_backbone_utils import padded_dinat
 
 warnings.filterwarnings('ignore', message='nat_mm: ', category=RuntimeWarning)
@@ -22,6 +23,29 @@ def _assert_matches_eager(model, run, atol):
             x = torch.randn(batch, 3, *size)
             for got, want in zip(run(x), model(x)):
                 torch.testing.assert_close(torch.as_tensor(got), want, atol=atol, rtol=atol)
+
+
+@pytest.mark.parametrize('shape, kernel_size, dilation', [
+    ((1, 2, 9, 11, 8), (3, 5), (2, 1)),       # rectangular kernel, dilation on one axis
+    ((2, 1, 13, 15, 6), (5, 3), (2, 3)),      # odd sizes, both axes dilated
+    ((1, 1, 7, 7, 4), (7, 7), (1, 1)),        # kernel == map
+])
+def test_decompositions_match_the_reference(shape, kernel_size, dilation):
+    """The standard-op forms of the NA ops (what ONNX gets) against the reference."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(*shape, dtype=torch.float64) for _ in range(3))
+    rpb = torch.randn(shape[1], 2 * kernel_size[0] - 1, 2 * kernel_size[1] - 1,
+                      dtype=torch.float64)
+    attn = torch.randn(*shape[:4], kernel_size[0] * kernel_size[1], dtype=torch.float64)
+    table = {o.name(): fn for o, fn in na_decompositions().items()}
+    torch.testing.assert_close(table['nat_mm::na2d_qk'](q, k, rpb, kernel_size, dilation),
+                               na2d_qk_reference(q, k, kernel_size, dilation, rpb))
+    torch.testing.assert_close(table['nat_mm::na2d_av'](attn, v, kernel_size, dilation),
+                               na2d_av_reference(attn, v, kernel_size, dilation))
+    out, lse = table['nat_mm::na2d_fused'](q, k, v, rpb, kernel_size, dilation, 0.3)
+    torch.testing.assert_close(out, na2d_reference(q, k, v, kernel_size, dilation, rpb, 0.3))
+    logits = na2d_qk_reference(q * 0.3, k, kernel_size, dilation, rpb)
+    torch.testing.assert_close(lse, logits.logsumexp(-1))
 
 
 @pytest.fixture(scope='module')
