@@ -131,7 +131,8 @@ SYS_CXX=/usr/bin/g++
 if [ -n "$CRASHED" ] && [ -x "$SYS_CXX" ] && [ -x /usr/bin/gcc ] && \
     [ "$(readlink -f "$(command -v "${CXX:-c++}")")" != "$(readlink -f "$SYS_CXX")" ]; then
   ALT=/tmp/nat_mm_system_cxx
-  rm -rf "$ALT" && mkdir -p "$ALT" && cp -r setup.py pyproject.toml pytest.ini csrc nat_mm tests "$ALT"/
+  rm -rf "$ALT" && mkdir -p "$ALT"
+  cp -r setup.py pyproject.toml pytest.ini csrc nat_mm tests "$ALT"/
   rm -f "$ALT"/nat_mm/_C*.so
   "$SYS_CXX" --version | head -1 | tee -a "$LOG"
   step system_cxx_build 150 110 env -C "$ALT" CXX="$SYS_CXX" CC=/usr/bin/gcc \
