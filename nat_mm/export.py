@@ -22,10 +22,11 @@ from .ops.library import lse_dtype, op
 SIZE_STEP = 16
 
 
-def _window_rows(x: Tensor, rows: Tensor, cols: Tensor, m: int, kw: int) -> Tensor:
-    """The kw neighbors in window row m of every query: [B, heads, H, W, kw, C]."""
+def _window_rows(x: Tensor, rows: Tensor, all_cols: Tensor, m: int, kw: int) -> Tensor:
+    """The kw neighbors in window row m of every query: [B, heads, H, W, kw, C]; all_cols:
+    the column neighbors of every query, flattened ([W * kw])."""
     batch, heads, height, width, channels = x.shape
-    picked = x.index_select(2, rows[:, m]).index_select(3, cols.reshape(-1))
+    picked = x.index_select(2, rows[:, m]).index_select(3, all_cols)
     return picked.reshape(batch, heads, height, width, kw, channels)
 
 
@@ -35,9 +36,10 @@ def _qk_decomposition(query, key, rpb, kernel_size, dilation):
     kh, kw = kernel_size
     rows, row_bias, cols, col_bias = reference.neighbors_2d(
         query.shape[2], query.shape[3], kernel_size, dilation, query.device)
+    all_cols, query_column = cols.reshape(-1), query.unsqueeze(-1)
     scores = []
     for m in range(kh):
-        s = torch.matmul(_window_rows(key, rows, cols, m, kw), query.unsqueeze(-1)).squeeze(-1)
+        s = torch.matmul(_window_rows(key, rows, all_cols, m, kw), query_column).squeeze(-1)
         if rpb is not None:
             s = s + rpb[:, row_bias[:, m]][:, :, col_bias]
         scores.append(s)
@@ -48,10 +50,10 @@ def _av_decomposition(attn, value, kernel_size, dilation):
     kh, kw = kernel_size
     rows, _, cols, _ = reference.neighbors_2d(value.shape[2], value.shape[3], kernel_size,
                                               dilation, value.device)
-    out = None
+    all_cols, out = cols.reshape(-1), None
     for m in range(kh):
         part = torch.matmul(attn[..., m * kw:(m + 1) * kw].unsqueeze(-2),
-                            _window_rows(value, rows, cols, m, kw)).squeeze(-2)
+                            _window_rows(value, rows, all_cols, m, kw)).squeeze(-2)
         out = part if out is None else out + part
     return out
 

@@ -42,7 +42,7 @@ def parse_args(argv=None):
 
 
 def build_backbone(args) -> torch.nn.Module:
-    from nat_mm.models import DiNAT, NAT
+    from nat_mm.models import BACKBONES, DiNAT, NAT
     if args.arch:
         if args.dilations:
             return DiNAT(arch=args.arch, dilations=args.dilations)
@@ -51,8 +51,7 @@ def build_backbone(args) -> torch.nn.Module:
     cfg = Config.fromfile(args.config).model.backbone.to_dict()
     cfg.pop('_delete_', None)
     cfg.pop('init_cfg', None)  # weights come from --checkpoint
-    cls = {'NAT': NAT, 'DiNAT': DiNAT}[cfg.pop('type').split('.')[-1]]
-    return cls(**cfg)
+    return BACKBONES[cfg.pop('type').split('.')[-1]](**cfg)
 
 
 def check_with_onnxruntime(model, path: str, size) -> float:

@@ -4,6 +4,7 @@ from .dinat import DiNAT
 from .nat import NAT
 from .registry import register_in_mm
 
-REGISTERED_IN = register_in_mm('MODELS', {'NAT': NAT, 'DiNAT': DiNAT})
+BACKBONES = {'NAT': NAT, 'DiNAT': DiNAT}  # by the type names of configs
+REGISTERED_IN = register_in_mm('MODELS', BACKBONES)
 
-__all__ = ['NAT', 'DiNAT', 'REGISTERED_IN']
+__all__ = ['NAT', 'DiNAT', 'BACKBONES', 'REGISTERED_IN']

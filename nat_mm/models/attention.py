@@ -11,10 +11,10 @@ def _exporting() -> bool:
     return bool(is_exporting and is_exporting())
 
 
-def _shortfall(window: int, size):
+def _shortfall(window: int, size, exporting: bool):
     # torch.sym_max under export keeps a symbolic size free of a guard; the plain max
     # elsewhere (jit tracing, used by mmengine's FLOP counter, hands sizes over as tensors)
-    return torch.sym_max(0, window - size) if _exporting() else max(0, window - size)
+    return torch.sym_max(0, window - size) if exporting else max(0, window - size)
 
 
 class NeighborhoodAttention(nn.Module):
@@ -52,11 +52,12 @@ class NeighborhoodAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[1:3]
         window = self.kernel_size * self.dilation
-        pad_h, pad_w = _shortfall(window, height), _shortfall(window, width)
+        exporting = _exporting()
+        pad_h, pad_w = (_shortfall(window, size, exporting) for size in (height, width))
         # Eager skips the copy when nothing is padded; torch.export pads unconditionally
         # (by amounts that may be 0), so one exported program serves every input size
         # instead of guarding on the traced size's padding.
-        if _exporting() or pad_h or pad_w:
+        if exporting or pad_h or pad_w:
             x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
         batch, padded_h, padded_w, channels = x.shape
         qkv = self.qkv(x).reshape(batch, padded_h, padded_w, 3, self.num_heads,
@@ -64,7 +65,7 @@ class NeighborhoodAttention(nn.Module):
         query, key, value = qkv.permute(3, 0, 4, 1, 2, 5).unbind(0)  # [B, heads, H, W, D]
         out = self._attend(query, key, value)
         out = out.permute(0, 2, 3, 1, 4).reshape(batch, padded_h, padded_w, channels)
-        if _exporting():  # a cropped copy: a view's layout would be guarded on its padding
+        if exporting:  # a cropped copy: a view's layout would be guarded on its padding
             out = torch.narrow_copy(torch.narrow_copy(out, 1, 0, height), 2, 0, width)
         else:
             out = out[:, :height, :width]
