@@ -14,13 +14,15 @@ PY=${PYTHON:-python}
 pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
 say() { printf '==> %s\n' "$*"; }
 
-say "build tools"
-pip_install "setuptools<81" wheel ninja
 if ! "$PY" -c "import torch" 2>/dev/null; then
     say "torch (CPU build 2.13.0)"
     pip_install torch==2.13.0
 fi
 say "torch $("$PY" -c 'import torch; print(torch.__version__)')"
+# After torch: its install takes the newest setuptools (torch 2.13 asks for >= 77.0.3), and
+# setuptools 81+ has no pkg_resources, which mmcv 2.1.0's setup.py imports.
+say "build tools"
+pip_install "setuptools>=77.0.3,<81" wheel ninja
 pip_install "mmengine==0.10.7" "numpy" "pytest" "hypothesis" "matplotlib" "pycocotools" \
     "ftfy" "regex" "psutil"
 if ! "$PY" -c "import mmcv, mmcv.ops; assert mmcv.__version__ == '2.1.0'" 2>/dev/null; then
