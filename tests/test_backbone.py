@@ -219,6 +219,21 @@ def test_compile_fullgraph_forward_and_backward():
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-4)
 
 
+def test_inductor_dynamic_shapes_inference():
+    """torch.compile(dynamic=True) with inductor: one compiled graph serves other sizes of
+    the same padding regime. Fails without the downsampler's copy under symbolic sizes
+    (inductor's convolution lowering cannot simplify the permuted view's strides)."""
+    model = padded_dinat().eval()
+    compiled = torch.compile(model, dynamic=True)
+    with torch.no_grad():
+        for size in [(64, 96), (64, 112)]:  # the second must not recompile
+            x = torch.randn(2, 3, *size)
+            with torch._dynamo.config.patch(error_on_recompile=size != (64, 96)):
+                outs = compiled(x)
+            for got, want in zip(outs, model(x)):
+                torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 # ---------------------------------------------------------------- training knobs
 def _frozen(module: nn.Module) -> bool:
     return not module.training and not any(p.requires_grad for p in module.parameters())

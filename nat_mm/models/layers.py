@@ -62,7 +62,14 @@ class ConvDownsampler(nn.Module):
         self.norm = build_norm(norm_cfg, 2 * embed_dims)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(to_channels_last(self.reduction(to_channels_first(x))))
+        x = to_channels_first(x)
+        if torch.compiler.is_compiling():
+            # With symbolic sizes (dynamic=True, or automatic dynamic after a size change)
+            # inductor's convolution lowering fails on this view's strides (torch 2.13 /
+            # 2.14: "ValueRangeError: Invalid ranges [0:-1]"); a contiguous copy lowers.
+            # (Dynamo reports shape entries as int, so "is compiling" is the test.)
+            x = x.contiguous()
+        return self.norm(to_channels_last(self.reduction(x)))
 
 
 class Mlp(nn.Module):
