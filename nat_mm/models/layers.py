@@ -67,7 +67,8 @@ class ConvDownsampler(nn.Module):
             # With symbolic sizes (dynamic=True, or automatic dynamic after a size change)
             # inductor's convolution lowering fails on this view's strides (torch 2.13 /
             # 2.14: "ValueRangeError: Invalid ranges [0:-1]"); a contiguous copy lowers.
-            # (Dynamo reports shape entries as int, so "is compiling" is the test.)
+            # Copied under any compilation: dynamo shows the module its sizes as ints even
+            # when they are symbolic. One activation-sized copy per downsampler.
             x = x.contiguous()
         return self.norm(to_channels_last(self.reduction(x)))
 
