@@ -15,8 +15,8 @@ import os.path as osp
 
 import _common  # noqa: F401  (puts the repository on sys.path)
 from _common import (adapt_to_cpu, add_cfg_options, add_launcher_args, add_repo_to_pythonpath,
-                     build_runner, config_scope, load_config, parse_launcher_args,
-                     skip_backbone_init)
+                     build_runner, close_process_group, config_scope, load_config,
+                     parse_launcher_args, skip_backbone_init)
 
 
 def parse_args(argv=None):
@@ -126,4 +126,7 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    main()
+    try:
+        main()
+    finally:
+        close_process_group()
