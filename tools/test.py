@@ -15,7 +15,7 @@ import os.path as osp
 
 import _common  # noqa: F401  (puts the repository on sys.path)
 from _common import (adapt_to_cpu, add_cfg_options, add_launcher_args, add_repo_to_pythonpath,
-                     build_runner, close_process_group, config_scope, load_config,
+                     build_runner, config_scope, end_distributed_process, load_config,
                      parse_launcher_args, skip_backbone_init)
 
 
@@ -126,7 +126,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    finally:
-        close_process_group()
+    main()
+    end_distributed_process()

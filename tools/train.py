@@ -15,7 +15,7 @@ import argparse
 
 import _common  # noqa: F401  (puts the repository on sys.path)
 from _common import (adapt_to_cpu, add_cfg_options, add_launcher_args, add_repo_to_pythonpath,
-                     build_runner, close_process_group, load_config, parse_launcher_args)
+                     build_runner, end_distributed_process, load_config, parse_launcher_args)
 
 
 def parse_args(argv=None):
@@ -75,7 +75,5 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    try:
-        main()
-    finally:
-        close_process_group()
+    main()
+    end_distributed_process()
