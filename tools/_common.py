@@ -170,8 +170,8 @@ def end_distributed_process() -> None:
     and a thread that asks for the GIL while the interpreter finalizes is force-unwound
     through a noexcept destructor: std::terminate, SIGABRT, exit code 1 after a complete
     run (core dump backtrace, 2026-12-07). Seen in 3 of 8 two-process CPU runs; destroying
-    the process group alone left 1 in 9 (DDP still holds it). No-op outside distributed
-    runs."""
+    the process group alone left 1 in 9 (its worker threads outlived it: a reference,
+    probably DDP's, kept it alive). No-op outside distributed runs."""
     import logging
 
     import torch.distributed as dist
