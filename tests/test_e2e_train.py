@@ -206,7 +206,7 @@ def _gloo_abort_before_training(out):
     pytorch/pytorch#188266, pytorch/gloo#514); not diagnosed further. The same abort at
     the end of a run (3 of 8 runs on 2026-12-07, after validation) was interpreter
     finalization racing with gloo's worker threads (tools/_common.end_distributed_process
-    has the backtrace); train.py and test.py now end without it, and such an abort fails
+    says how); train.py and test.py now end without it, and such an abort fails
     this test."""
     return ('terminate called without an active exception' in out
             and 'exitcode  : -6' in out and 'Epoch(train)' not in out)
