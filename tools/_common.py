@@ -166,7 +166,7 @@ def init_cpu_process_group(dist_cfg) -> None:
 def end_distributed_process() -> None:
     """End a distributed job's process once its work is done, skipping interpreter
     finalization. Finalization raced with gloo's worker threads: a worker releasing a
-    finished broadcast (mmengine's metrics) decrefs a Python-owned tensor, needs the GIL,
+    finished broadcast (likely mmengine's metrics) decrefs a Python-owned tensor, needs the GIL,
     and a thread that asks for the GIL while the interpreter finalizes is force-unwound
     through a noexcept destructor: std::terminate, SIGABRT, exit code 1 after a complete
     run (core dump backtrace, 2026-12-07). Seen in 3 of 8 two-process CPU runs; destroying
