@@ -11,12 +11,16 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
+#include <c10/util/Exception.h>
+
+#ifdef NAT_MM_CUDA_EMULATION  // the CPU test build of these sources (csrc/emulation/)
+#include "emulation/cuda_emulation.h"
+#else
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <c10/util/Exception.h>
-
 #include <cuda_runtime.h>
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -73,6 +77,19 @@ inline unsigned int blocks_for(int64_t count, int threads = kThreads) {
   const int64_t cap = int64_t(1) << 20;
   return static_cast<unsigned int>(blocks < 1 ? 1 : (blocks > cap ? cap : blocks));
 }
+
+// kernel<<<grid, threads, smem, stream>>>(args...) and the launch check; every launch goes
+// through here, so the CPU emulation (csrc/emulation/) can run the kernels instead.
+#ifdef NAT_MM_CUDA_EMULATION
+using emulation::launch_kernel;
+#else
+template <typename... Params, typename... Args>
+void launch_kernel(void (*kernel)(Params...), unsigned int grid, int threads, size_t smem,
+                   cudaStream_t stream, Args... args) {
+  kernel<<<grid, threads, smem, stream>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+#endif
 
 inline cudaStream_t current_stream(const at::Tensor& t) {
   return c10::cuda::getCurrentCUDAStream(t.device().index()).stream();

@@ -89,16 +89,15 @@ void query_side_simple(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   at::Tensor delta = at::empty({g.queries}, lse.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "na2d_fused_bwd_cuda", [&] {
     using AccT = acc_t<scalar_t>;
-    rowdot_kernel<scalar_t, AccT><<<blocks_for(g.queries * 32), kThreads, 0, stream>>>(
+    launch_kernel(rowdot_kernel<scalar_t, AccT>, blocks_for(g.queries * 32), kThreads, 0, stream,
         go.const_data_ptr<scalar_t>(), o.const_data_ptr<scalar_t>(),
         delta.mutable_data_ptr<AccT>(), g.queries, g.dim);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    bwd_scores_kernel<scalar_t, AccT><<<blocks_for(g.queries * g.window), kThreads, 0, stream>>>(
+    launch_kernel(bwd_scores_kernel<scalar_t, AccT>, blocks_for(g.queries * g.window),
+                  kThreads, 0, stream,
         q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
         go.const_data_ptr<scalar_t>(), rpb.defined() ? rpb.const_data_ptr<scalar_t>() : nullptr,
         lse.const_data_ptr<AccT>(), delta.const_data_ptr<AccT>(), p.mutable_data_ptr<AccT>(),
         ds.mutable_data_ptr<AccT>(), g, static_cast<AccT>(scale));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   launch_av(ds, k, grad_q, g, scale, stream);
 }

@@ -54,10 +54,9 @@ void fused_forward_simple(const at::Tensor& q, const at::Tensor& k, const at::Te
                                q.options().dtype(lse.scalar_type()));
   launch_qk(q, k, rpb, probs, g, scale, stream);
   AT_DISPATCH_FLOATING_TYPES(lse.scalar_type(), "na2d_fused_softmax_cuda", [&] {
-    softmax_lse_kernel<scalar_t><<<blocks_for(g.queries * 32), kThreads, 0, stream>>>(
+    launch_kernel(softmax_lse_kernel<scalar_t>, blocks_for(g.queries * 32), kThreads, 0, stream,
         probs.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<scalar_t>(), g.queries,
         g.window);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   launch_av(probs, v, out, g, 1.0, stream);
 }

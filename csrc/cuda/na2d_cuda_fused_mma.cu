@@ -15,16 +15,24 @@
 // The backward recomputes S, adds dP = dO [16 x D] . V^T as a second GEMM of the same
 // shape, and grad_q = scale * dS . K mirrors P . V.
 // Halo slots outside the map are zero in shared memory, so they add 0 (never 0 * NaN).
-#include <mma.h>
-
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <initializer_list>
 
 #include "na2d_cuda_common.cuh"
 #include "na2d_cuda_tile.cuh"
 #include "na2d_mma_layout.h"
+
+#ifndef NAT_MM_CUDA_EMULATION  // the emulation (common.cuh) brings its own wmma and types
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+#endif
+
+// The kernel bodies exist for sm_80+ device code (and the CPU emulation) only.
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800) || defined(NAT_MM_CUDA_EMULATION)
+#define NAT_MM_MMA_DEVICE_CODE 1
+#else
+#define NAT_MM_MMA_DEVICE_CODE 0
+#endif
 
 namespace nat_mm {
 namespace cuda_detail {
@@ -358,7 +366,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
                          const T* __restrict__ value, const T* __restrict__ rpb,
                          T* __restrict__ out, float* __restrict__ lse, const Geometry g,
                          const float scale, const MmaConfig mc) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if NAT_MM_MMA_DEVICE_CODE
   using M = typename MmaElement<T>::type;
   constexpr int D = KD * 16;
   for_each_mma_tile<T, D>(key, value, query, nullptr, rpb, g, mc, [&](const WarpTile<M>& w) {
@@ -403,7 +411,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
                          const float* __restrict__ lse, float* __restrict__ p_map,
                          float* __restrict__ ds_map, T* __restrict__ grad_q, const Geometry g,
                          const float scale, const MmaConfig mc) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#if NAT_MM_MMA_DEVICE_CODE
   using M = typename MmaElement<T>::type;
   constexpr int D = KD * 16;
   for_each_mma_tile<T, D>(key, value, query, grad_out, rpb, g, mc, [&](const WarpTile<M>& w) {
@@ -463,9 +471,8 @@ bool launch_mma(bool backward, const Geometry& g, double scale, int device, cuda
     const int64_t cap = int64_t(1) << 20;
     const unsigned int grid =
         static_cast<unsigned int>(mc.tile.total_tiles < cap ? mc.tile.total_tiles : cap);
-    kernel<<<grid, kMmaWarps * 32, mc.smem_bytes, stream>>>(args..., g, static_cast<float>(scale),
-                                                            mc);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(kernel, grid, kMmaWarps * 32, mc.smem_bytes, stream, args..., g,
+                  static_cast<float>(scale), mc);
     return true;
   };
   switch (g.dim) {

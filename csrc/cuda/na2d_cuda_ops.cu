@@ -197,17 +197,18 @@ void launch_qk(const at::Tensor& q, const at::Tensor& k, const at::Tensor& rpb,
     using AccT = acc_t<scalar_t>;
     const scalar_t* rpb_ptr = rpb.defined() ? rpb.const_data_ptr<scalar_t>() : nullptr;
     if (out.scalar_type() == q.scalar_type()) {
-      qk_kernel<scalar_t, scalar_t, AccT><<<blocks_for(g.queries * g.window), kThreads, 0, stream>>>(
+      launch_kernel(qk_kernel<scalar_t, scalar_t, AccT>, blocks_for(g.queries * g.window),
+                    kThreads, 0, stream,
           q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), rpb_ptr,
           out.mutable_data_ptr<scalar_t>(), g, static_cast<AccT>(scale));
     } else {
       TORCH_CHECK(out.scalar_type() == c10::CppTypeToScalarType<AccT>::value,
                   "nat_mm: internal: qk output dtype ", out.scalar_type());
-      qk_kernel<scalar_t, AccT, AccT><<<blocks_for(g.queries * g.window), kThreads, 0, stream>>>(
+      launch_kernel(qk_kernel<scalar_t, AccT, AccT>, blocks_for(g.queries * g.window),
+                    kThreads, 0, stream,
           q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(), rpb_ptr,
           out.mutable_data_ptr<AccT>(), g, static_cast<AccT>(scale));
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
@@ -218,17 +219,18 @@ void launch_av(const at::Tensor& weights, const at::Tensor& value, const at::Ten
     using AccT = acc_t<scalar_t>;
     TORCH_CHECK(out.scalar_type() == value.scalar_type(), "nat_mm: internal: av output dtype");
     if (weights.scalar_type() == value.scalar_type()) {
-      av_kernel<scalar_t, scalar_t, AccT><<<blocks_for(g.queries * g.dim), kThreads, 0, stream>>>(
+      launch_kernel(av_kernel<scalar_t, scalar_t, AccT>, blocks_for(g.queries * g.dim),
+                    kThreads, 0, stream,
           weights.const_data_ptr<scalar_t>(), value.const_data_ptr<scalar_t>(),
           out.mutable_data_ptr<scalar_t>(), g, static_cast<AccT>(alpha));
     } else {
       TORCH_CHECK(weights.scalar_type() == c10::CppTypeToScalarType<AccT>::value,
                   "nat_mm: internal: av weights dtype ", weights.scalar_type());
-      av_kernel<AccT, scalar_t, AccT><<<blocks_for(g.queries * g.dim), kThreads, 0, stream>>>(
+      launch_kernel(av_kernel<AccT, scalar_t, AccT>, blocks_for(g.queries * g.dim),
+                    kThreads, 0, stream,
           weights.const_data_ptr<AccT>(), value.const_data_ptr<scalar_t>(),
           out.mutable_data_ptr<scalar_t>(), g, static_cast<AccT>(alpha));
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
@@ -248,7 +250,8 @@ void launch_inverse(const at::Tensor& w1, const at::Tensor& s1, const at::Tensor
     TORCH_CHECK(out1.scalar_type() == s1.scalar_type(), "nat_mm: internal: inverse output dtype");
     auto run = [&](auto w_tag) {
       using WT = decltype(w_tag);
-      inverse_kernel<WT, scalar_t, AccT><<<blocks_for(g.queries * g.dim), kThreads, 0, stream>>>(
+      launch_kernel(inverse_kernel<WT, scalar_t, AccT>, blocks_for(g.queries * g.dim),
+                    kThreads, 0, stream,
           w1.const_data_ptr<WT>(), s1.const_data_ptr<scalar_t>(),
           out1.mutable_data_ptr<scalar_t>(), static_cast<AccT>(alpha1),
           two ? w2.const_data_ptr<WT>() : nullptr, two ? s2.const_data_ptr<scalar_t>() : nullptr,
@@ -261,7 +264,6 @@ void launch_inverse(const at::Tensor& w1, const at::Tensor& s1, const at::Tensor
                   "nat_mm: internal: inverse weights dtype ", w1.scalar_type());
       run(AccT{});
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
@@ -287,10 +289,9 @@ void launch_rpb_grad(const at::Tensor& grad_attn, const at::Tensor& out, const G
     using AccT = acc_t<scalar_t>;
     auto run = [&](auto w_tag) {
       using WT = decltype(w_tag);
-      rpb_partial_kernel<WT, AccT><<<grid, threads, 0, stream>>>(
+      launch_kernel(rpb_partial_kernel<WT, AccT>, grid, threads, 0, stream,
           grad_attn.const_data_ptr<WT>(), partial.mutable_data_ptr<AccT>(), g, rows_per_chunk,
           chunks);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (rows > 0) {
       if (grad_attn.scalar_type() == out.scalar_type()) {
@@ -303,9 +304,9 @@ void launch_rpb_grad(const at::Tensor& grad_attn, const at::Tensor& out, const G
     } else {
       partial.zero_();
     }
-    rpb_reduce_kernel<AccT, scalar_t><<<blocks_for(g.heads * bins), kThreads, 0, stream>>>(
+    launch_kernel(rpb_reduce_kernel<AccT, scalar_t>, blocks_for(g.heads * bins),
+                  kThreads, 0, stream,
         partial.const_data_ptr<AccT>(), out.mutable_data_ptr<scalar_t>(), g.heads, chunks, bins);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 

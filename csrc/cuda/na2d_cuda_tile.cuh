@@ -105,8 +105,7 @@ bool launch_tiled(Kernel kernel, bool key_tile, const Geometry& g, float scale, 
   const int64_t cap = int64_t(1) << 20;
   const unsigned int grid =
       static_cast<unsigned int>(tc.total_tiles < cap ? tc.total_tiles : cap);
-  kernel<<<grid, threads, tc.smem_bytes, stream>>>(args..., g, scale, tc);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_kernel(kernel, grid, threads, tc.smem_bytes, stream, args..., g, scale, tc);
   return true;
 }
 

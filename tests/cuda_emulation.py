@@ -1,0 +1,53 @@
+"""Builds and loads the CUDA emulation library (csrc/emulation/): the sources under
+csrc/cuda/ compiled by the host compiler against a CPU emulation of the CUDA runtime, so
+that their kernels run on CPU tensors as the ops ``torch.ops.nat_mm_emulated.*``.
+
+Built once per source change with ninja into ``build/cuda_emulation/`` (about a minute on
+2 cores the first time).
+"""
+import functools
+import glob
+import importlib.util
+import os
+import shutil
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CSRC = os.path.join(ROOT, 'csrc')
+
+
+def unavailable_reason():
+    """Why the emulation cannot be built here, or None."""
+    if os.name != 'posix':
+        return 'the CUDA emulation needs POSIX ucontext'
+    from torch.utils.cpp_extension import is_ninja_available
+    if not is_ninja_available():
+        return 'the CUDA emulation build needs ninja'
+    if shutil.which(os.environ.get('CXX', 'c++')) is None:
+        return 'the CUDA emulation build needs a C++ compiler'
+    return None
+
+
+def _cxx_standard():
+    spec = importlib.util.spec_from_file_location('nat_mm_setup', os.path.join(ROOT, 'setup.py'))
+    setup = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(setup)  # defines functions only; main() is not run
+    return setup.cxx_standard(torch.__version__)
+
+
+@functools.lru_cache(maxsize=None)
+def emulated_ops():
+    """``torch.ops.nat_mm_emulated`` after building (if needed) and loading the library."""
+    from torch.utils.cpp_extension import load
+
+    build_dir = os.path.join(ROOT, 'build', 'cuda_emulation')
+    os.makedirs(build_dir, exist_ok=True)
+    sources = sorted(glob.glob(os.path.join(CSRC, 'emulation', '*.cpp')))
+    sources.append(os.path.join(CSRC, 'na2d_checks.cpp'))
+    load(name='nat_mm_cuda_emulation', sources=sources, build_directory=build_dir,
+         extra_include_paths=[CSRC, os.path.join(CSRC, 'cuda')],
+         extra_cflags=['-O2', _cxx_standard(), '-fno-strict-aliasing',
+                       '-DNAT_MM_CUDA_EMULATION', '-DNAT_MM_WITH_CUDA'],
+         is_python_module=False, verbose=False)
+    return torch.ops.nat_mm_emulated

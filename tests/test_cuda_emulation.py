@@ -1,0 +1,235 @@
+"""The CUDA kernels, run without a GPU: the sources under csrc/cuda/ compiled for the CPU
+emulation of csrc/emulation/ (see its header for what it models and checks) and compared
+with the float64 reference.
+
+Every kernel of every path: the straightforward kernels (NAT_MM_CUDA_FORCE_SIMPLE=1), the
+tiled ones (the default) and the tensor-core (wmma) ones (NAT_MM_CUDA_TENSOR_CORES=1);
+forward and every gradient, float32/float16/bfloat16 (and float64), borders, dilation,
+rectangular kernels, odd head dims; the threads of each block also in reverse order
+(a missing barrier then reads NaN). Each test checks which kernels ran, so a fallback to
+another path fails it. The emulation's own checks are tested on faulty kernels
+(csrc/emulation/emulation_selftest.cpp).
+
+What it cannot show: timing, the hardware's memory model beyond the barriers above, and
+anything of nvcc itself (tests/test_cuda_compile.py compiles the same sources with nvcc;
+tests/test_cuda_ops.py runs them on a GPU).
+"""
+import re
+
+import pytest
+import torch
+
+from bad_op_calls import IDS, bad_calls
+from cuda_emulation import emulated_ops, unavailable_reason
+from nat_mm.ops.reference import na2d_av_reference, na2d_qk_reference, na2d_reference
+from test_cuda_ops import TOL, _representable
+
+pytestmark = pytest.mark.skipif(unavailable_reason() is not None,
+                                reason=unavailable_reason() or '')
+
+FORCE_SIMPLE = 'NAT_MM_CUDA_FORCE_SIMPLE'
+TENSOR_CORES = 'NAT_MM_CUDA_TENSOR_CORES'
+ORDER = 'NAT_MM_EMULATION_ORDER'
+MMA_DIMS = (16, 32, 64, 128)  # head dims of the tensor-core kernels
+
+# (batch, heads, H, W, head_dim, kernel_size, dilation)
+CASES = [
+    (1, 1, 7, 7, 4, (3, 3), (1, 1)),          # smallest map, border everywhere
+    (2, 2, 9, 11, 8, (3, 5), (2, 1)),         # rectangular kernel, dilation on one axis
+    (1, 2, 13, 15, 32, (7, 7), (1, 1)),       # NAT-like
+    (1, 2, 17, 19, 16, (5, 3), (2, 3)),       # both axes dilated
+    (1, 1, 20, 24, 64, (9, 13), (2, 1)),
+    (1, 1, 11, 10, 33, (5, 3), (1, 2)),       # odd head dim
+    (1, 1, 12, 9, 128, (3, 3), (1, 1)),
+    (1, 1, 13, 13, 16, (13, 13), (1, 1)),     # kernel == map
+]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+PAD = 64
+
+
+def _ids(case):
+    return 'B{}h{}_{}x{}_D{}_k{}x{}_d{}x{}'.format(*case[:5], *case[5], *case[6])
+
+
+@pytest.fixture(scope='module')
+def ops():
+    return emulated_ops()
+
+
+@pytest.fixture(params=['simple', 'tiled', 'tensor-cores'])
+def path(request, monkeypatch):
+    monkeypatch.delenv(FORCE_SIMPLE, raising=False)
+    monkeypatch.delenv(TENSOR_CORES, raising=False)
+    monkeypatch.delenv(ORDER, raising=False)
+    if request.param == 'simple':
+        monkeypatch.setenv(FORCE_SIMPLE, '1')
+    elif request.param == 'tensor-cores':
+        monkeypatch.setenv(TENSOR_CORES, '1')
+    return request.param
+
+
+def _launched(ops):
+    """Short names (template arguments dropped) of the kernels launched since the last call."""
+    return [re.sub(r'<.*$', '', full).rsplit('::', 1)[-1] for full in ops.launched_kernels()]
+
+
+def _fused_kernels(path, dtype, dim):
+    """The kernels the fused forward and backward must run on this path."""
+    if path == 'simple' or dtype == torch.float64:
+        return ['qk_kernel', 'softmax_lse_kernel', 'av_kernel'], ['bwd_scores_kernel',
+                                                                   'inverse_kernel']
+    if path == 'tensor-cores' and dtype != torch.float32 and dim in MMA_DIMS:
+        return ['fused_fwd_mma_kernel'], ['fused_bwd_mma_kernel', 'fused_bwd_keys_tiled_kernel']
+    return ['fused_fwd_tiled_kernel'], ['fused_bwd_tiled_kernel', 'fused_bwd_keys_tiled_kernel']
+
+
+def _inputs(case, with_rpb, seed=0):
+    batch, heads, height, width, dim, ks, _ = case
+    gen = torch.Generator().manual_seed(seed)
+    rand = lambda *s: _representable(torch.randn(*s, generator=gen, dtype=torch.float64))
+    q, k, v, g = (rand(batch, heads, height, width, dim) for _ in range(4))
+    rpb = rand(heads, 2 * ks[0] - 1, 2 * ks[1] - 1) if with_rpb else None
+    return q, k, v, rpb, g
+
+
+def _padded(t, dtype):
+    """t in `dtype` as a view into a buffer with NaN on both sides: a read past either end
+    of the tensor turns the result NaN. 64 elements keep the view 128-byte aligned."""
+    if t is None:
+        return None
+    buf = torch.full((t.numel() + 2 * PAD,), float('nan'), dtype=dtype)
+    view = buf[PAD:PAD + t.numel()].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+def _assert_close(name, got, want, dtype):
+    err = (got.double() - want).abs().max().item() / max(want.abs().max().item(), 1e-12)
+    assert err <= TOL[dtype], f'{name}: error {err:.2e} relative to scale > {TOL[dtype]}'
+
+
+def _check_fused(ops, case, dtype, path, with_rpb=True):
+    q, k, v, rpb, g = _inputs(case, with_rpb)
+    ks, dil, scale = list(case[5]), list(case[6]), case[4] ** -0.5
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    rpb_leaf = rpb.clone().requires_grad_() if with_rpb else None
+    ref = na2d_reference(*leaves, case[5], case[6], rpb=rpb_leaf, scale=scale)
+    wanted = leaves + ([rpb_leaf] if with_rpb else [])
+    ref_grads = torch.autograd.grad(ref, wanted, g)
+
+    cast = lambda t: _padded(t, dtype)
+    _launched(ops)
+    out, lse = ops.na2d_fused(cast(q), cast(k), cast(v), cast(rpb), ks, dil, scale)
+    fwd = _launched(ops)
+    grads = ops.na2d_fused_backward(cast(g), cast(q), cast(k), cast(v), cast(rpb), out, lse,
+                                    ks, dil, scale)
+    bwd = _launched(ops)
+
+    want_fwd, want_bwd = _fused_kernels(path, dtype, case[4])
+    assert all(name in fwd for name in want_fwd), f'forward ran {fwd}, not {want_fwd}'
+    assert all(name in bwd for name in want_bwd), f'backward ran {bwd}, not {want_bwd}'
+    _assert_close('out', out, ref, dtype)
+    logits = na2d_qk_reference(q * scale, k, case[5], case[6], rpb)
+    _assert_close('lse', lse, torch.logsumexp(logits, -1), dtype)
+    for name, got, want in zip(('grad_q', 'grad_k', 'grad_v', 'grad_rpb'), grads, ref_grads):
+        _assert_close(name, got, want, dtype)
+
+
+@pytest.mark.parametrize('dtype', DTYPES, ids=str)
+@pytest.mark.parametrize('case', CASES, ids=_ids)
+def test_fused_forward_and_backward(ops, case, dtype, path):
+    _check_fused(ops, case, dtype, path)
+
+
+@pytest.mark.parametrize('case', [CASES[1], CASES[2]], ids=_ids)
+def test_fused_without_rpb(ops, case, path):
+    _check_fused(ops, case, torch.float16, path, with_rpb=False)
+
+
+def test_fused_float64_takes_the_simple_kernels(ops, monkeypatch):
+    monkeypatch.delenv(FORCE_SIMPLE, raising=False)
+    _check_fused(ops, CASES[3], torch.float64, 'tiled')
+
+
+@pytest.mark.parametrize('case', [CASES[2], CASES[3], CASES[5]], ids=_ids)
+def test_fused_with_threads_in_reverse_order(ops, case, path, monkeypatch):
+    """Another interleaving of the threads: a barrier the kernels lack would show here."""
+    monkeypatch.setenv(ORDER, 'reverse')
+    _check_fused(ops, case, torch.bfloat16, path)
+
+
+@pytest.mark.parametrize('dtype', DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize('case', [CASES[1], CASES[3], CASES[5]], ids=_ids)
+def test_unfused_ops(ops, case, dtype):
+    """na2d_qk (with and without rpb), na2d_av, na2d_inverse and na2d_rpb_grad."""
+    q, k, v, rpb, g = _inputs(case, True)
+    ks, dil = list(case[5]), list(case[6])
+    cast = lambda t: _padded(t, dtype)
+    for bias in (rpb, None):
+        want = na2d_qk_reference(q, k, case[5], case[6], bias)
+        got = ops.na2d_qk(cast(q), cast(k), None if bias is None else cast(bias), ks, dil)
+        _assert_close('na2d_qk', got, want, dtype)
+    attn = _representable(torch.softmax(want, -1))
+    k_leaf, bias_leaf = k.clone().requires_grad_(), rpb.clone().requires_grad_()
+    grad_k, grad_rpb = torch.autograd.grad(
+        na2d_qk_reference(q, k_leaf, case[5], case[6], bias_leaf), (k_leaf, bias_leaf), attn)
+    av_want = na2d_av_reference(attn, v, case[5], case[6])
+    _assert_close('na2d_av', ops.na2d_av(cast(attn), cast(v), ks, dil), av_want, dtype)
+    _assert_close('na2d_inverse', ops.na2d_inverse(cast(attn), cast(q), ks, dil), grad_k, dtype)
+    _assert_close('na2d_rpb_grad', ops.na2d_rpb_grad(cast(attn), ks, dil), grad_rpb, dtype)
+    assert set(_launched(ops)) >= {'qk_kernel', 'av_kernel', 'inverse_kernel',
+                                   'rpb_partial_kernel', 'rpb_reduce_kernel'}
+
+
+@pytest.mark.parametrize('index', range(len(IDS)), ids=IDS)
+def test_entry_points_check_their_inputs(ops, index):
+    """The CUDA entry points, called with one bad argument, raise naming it."""
+    _, name, build, match = bad_calls('cpu')[index]
+    q = torch.randn(1, 2, 9, 9, 8)
+    with pytest.raises(RuntimeError, match=match):
+        getattr(ops, name)(*build(q))
+
+
+# ------------------------------------------------------------------ the emulation itself
+def test_selftest_warp_shuffle(ops):
+    out = ops.selftest('warp_sum')
+    assert out[:32].eq(sum(range(32))).all() and out[32:].eq(sum(range(32, 64))).all()
+
+
+def test_selftest_wmma_layouts(ops):
+    r = ops.selftest('wmma')
+    a, b, out = r[:256].view(16, 16), r[256:512].view(16, 16), r[512:].view(2, 16, 16)
+    assert torch.equal(out[0], a @ b.T)  # B read column-major
+    assert torch.equal(out[1], a @ b)     # B read row-major
+
+
+def test_selftest_unwritten_shared_memory_reads_nan(ops):
+    out = ops.selftest('uninitialized_shared')
+    assert torch.equal(out[0::2], torch.arange(0, 64, 2, dtype=torch.float32))
+    assert out[1::2].isnan().all()
+
+
+def test_selftest_missing_syncwarp_shows(ops, monkeypatch):
+    assert torch.equal(ops.selftest('neighbour_read_synced'),
+                       (torch.arange(32, dtype=torch.float32) + 1) % 32)
+    assert ops.selftest('neighbour_read_unsynced')[:31].isnan().all()
+    monkeypatch.setenv(ORDER, 'reverse')
+    assert ops.selftest('neighbour_read_unsynced')[31].isnan()
+
+
+@pytest.mark.parametrize('name, match', [
+    ('divergent_barrier', 'deadlock'),
+    ('exited_lane_shuffle', 'not all its lanes reach'),
+    ('shared_memory_limit', 'no cudaFuncSetAttribute opt-in'),
+    ('misaligned_vector', 'misaligned 16-byte store'),
+    ('misaligned_wmma', 'load_matrix_sync: pointer .* not 32-byte aligned'),
+    ('write_past_shared', 'write past the dynamic shared memory'),
+])
+def test_selftest_faults_raise(ops, name, match):
+    with pytest.raises(RuntimeError, match=match):
+        ops.selftest(name)
+    assert ops.selftest('warp_sum')[0] == sum(range(32))  # the next launch runs normally
+
+
+def test_selftest_shared_memory_opt_in(ops):
+    assert ops.selftest('shared_memory_optin')[:32].eq(1).all()  # one block of 32 threads
