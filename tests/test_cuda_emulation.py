@@ -43,6 +43,14 @@ CASES = [
     (1, 1, 12, 9, 128, (3, 3), (1, 1)),
     (1, 1, 13, 13, 16, (13, 13), (1, 1)),     # kernel == map
 ]
+# Larger, in float16 only (seconds each here): more threads per query for head dims past
+# 64 and 128, the simple kernels past 256, DiNAT-like dilation.
+LARGE_CASES = [
+    (1, 1, 16, 17, 100, (11, 13), (1, 1)),
+    (1, 1, 11, 10, 160, (5, 3), (1, 2)),
+    (1, 1, 9, 9, 300, (3, 3), (1, 1)),
+    (1, 2, 56, 48, 32, (7, 7), (4, 6)),
+]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 PAD = 64
 
@@ -75,7 +83,7 @@ def _launched(ops):
 
 def _fused_kernels(path, dtype, dim):
     """The kernels the fused forward and backward must run on this path."""
-    if path == 'simple' or dtype == torch.float64:
+    if path == 'simple' or dtype == torch.float64 or dim > 256:
         return ['qk_kernel', 'softmax_lse_kernel', 'av_kernel'], ['bwd_scores_kernel',
                                                                    'inverse_kernel']
     if path == 'tensor-cores' and dtype != torch.float32 and dim in MMA_DIMS:
@@ -139,6 +147,11 @@ def _check_fused(ops, case, dtype, path, with_rpb=True):
 @pytest.mark.parametrize('case', CASES, ids=_ids)
 def test_fused_forward_and_backward(ops, case, dtype, path):
     _check_fused(ops, case, dtype, path)
+
+
+@pytest.mark.parametrize('case', LARGE_CASES, ids=_ids)
+def test_fused_large(ops, case, path):
+    _check_fused(ops, case, torch.float16, path)
 
 
 @pytest.mark.parametrize('case', [CASES[1], CASES[2]], ids=_ids)
