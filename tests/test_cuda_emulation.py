@@ -3,7 +3,7 @@ emulation of csrc/emulation/ (see its header for what it models and checks) and 
 with the float64 reference.
 
 Every kernel of every path: the straightforward kernels (NAT_MM_CUDA_FORCE_SIMPLE=1), the
-tiled ones (the default) and the tensor-core (wmma) ones (NAT_MM_CUDA_TENSOR_CORES=1);
+tiled ones (the default path) and the tensor-core (wmma) ones (NAT_MM_CUDA_TENSOR_CORES=1);
 forward and every gradient, float32/float16/bfloat16 (and float64), borders, dilation,
 rectangular kernels, odd head dims; the threads of each block also in reverse order
 (a missing barrier then reads NaN). Each test checks which kernels ran, so a fallback to
@@ -22,7 +22,8 @@ import torch
 from bad_op_calls import IDS, bad_calls
 from cuda_emulation import emulated_ops, unavailable_reason
 from nat_mm.ops.reference import na2d_av_reference, na2d_qk_reference, na2d_reference
-from test_cuda_ops import TOL, _representable
+# the GPU tests' inputs, tolerances and path fixture (default / tensor-cores / simple)
+from test_cuda_ops import TOL, _base, _representable, assert_scaled_close, path  # noqa: F401
 
 pytestmark = pytest.mark.skipif(unavailable_reason() is not None,
                                 reason=unavailable_reason() or '')
@@ -64,18 +65,6 @@ def ops():
     return emulated_ops()
 
 
-@pytest.fixture(params=['simple', 'tiled', 'tensor-cores'])
-def path(request, monkeypatch):
-    monkeypatch.delenv(FORCE_SIMPLE, raising=False)
-    monkeypatch.delenv(TENSOR_CORES, raising=False)
-    monkeypatch.delenv(ORDER, raising=False)
-    if request.param == 'simple':
-        monkeypatch.setenv(FORCE_SIMPLE, '1')
-    elif request.param == 'tensor-cores':
-        monkeypatch.setenv(TENSOR_CORES, '1')
-    return request.param
-
-
 def _launched(ops):
     """Short names (template arguments dropped) of the kernels launched since the last call."""
     return [re.sub(r'<.*$', '', full).rsplit('::', 1)[-1] for full in ops.launched_kernels()]
@@ -91,15 +80,6 @@ def _fused_kernels(path, dtype, dim):
     return ['fused_fwd_tiled_kernel'], ['fused_bwd_tiled_kernel', 'fused_bwd_keys_tiled_kernel']
 
 
-def _inputs(case, with_rpb, seed=0):
-    batch, heads, height, width, dim, ks, _ = case
-    gen = torch.Generator().manual_seed(seed)
-    rand = lambda *s: _representable(torch.randn(*s, generator=gen, dtype=torch.float64))
-    q, k, v, g = (rand(batch, heads, height, width, dim) for _ in range(4))
-    rpb = rand(heads, 2 * ks[0] - 1, 2 * ks[1] - 1) if with_rpb else None
-    return q, k, v, rpb, g
-
-
 def _padded(t, dtype):
     """t in `dtype` as a view into a buffer with NaN on both sides: a read past either end
     of the tensor turns the result NaN. 64 elements keep the view 128-byte aligned."""
@@ -111,13 +91,8 @@ def _padded(t, dtype):
     return view
 
 
-def _assert_close(name, got, want, dtype):
-    err = (got.double() - want).abs().max().item() / max(want.abs().max().item(), 1e-12)
-    assert err <= TOL[dtype], f'{name}: error {err:.2e} relative to scale > {TOL[dtype]}'
-
-
 def _check_fused(ops, case, dtype, path, with_rpb=True):
-    q, k, v, rpb, g = _inputs(case, with_rpb)
+    q, k, v, rpb, g = _base(case, with_rpb)
     ks, dil, scale = list(case[5]), list(case[6]), case[4] ** -0.5
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     rpb_leaf = rpb.clone().requires_grad_() if with_rpb else None
@@ -136,11 +111,11 @@ def _check_fused(ops, case, dtype, path, with_rpb=True):
     want_fwd, want_bwd = _fused_kernels(path, dtype, case[4])
     assert all(name in fwd for name in want_fwd), f'forward ran {fwd}, not {want_fwd}'
     assert all(name in bwd for name in want_bwd), f'backward ran {bwd}, not {want_bwd}'
-    _assert_close('out', out, ref, dtype)
+    assert_scaled_close(out, ref, TOL[dtype], 'out')
     logits = na2d_qk_reference(q * scale, k, case[5], case[6], rpb)
-    _assert_close('lse', lse, torch.logsumexp(logits, -1), dtype)
+    assert_scaled_close(lse, torch.logsumexp(logits, -1), TOL[dtype], 'lse')
     for name, got, want in zip(('grad_q', 'grad_k', 'grad_v', 'grad_rpb'), grads, ref_grads):
-        _assert_close(name, got, want, dtype)
+        assert_scaled_close(got, want, TOL[dtype], name)
 
 
 @pytest.mark.parametrize('dtype', DTYPES, ids=str)
@@ -161,7 +136,7 @@ def test_fused_without_rpb(ops, case, path):
 
 def test_fused_float64_takes_the_simple_kernels(ops, monkeypatch):
     monkeypatch.delenv(FORCE_SIMPLE, raising=False)
-    _check_fused(ops, CASES[3], torch.float64, 'tiled')
+    _check_fused(ops, CASES[3], torch.float64, 'default')
 
 
 @pytest.mark.parametrize('case', [CASES[2], CASES[3], CASES[5]], ids=_ids)
@@ -175,21 +150,23 @@ def test_fused_with_threads_in_reverse_order(ops, case, path, monkeypatch):
 @pytest.mark.parametrize('case', [CASES[1], CASES[3], CASES[5]], ids=_ids)
 def test_unfused_ops(ops, case, dtype):
     """na2d_qk (with and without rpb), na2d_av, na2d_inverse and na2d_rpb_grad."""
-    q, k, v, rpb, g = _inputs(case, True)
+    q, k, v, rpb, g = _base(case, True)
     ks, dil = list(case[5]), list(case[6])
     cast = lambda t: _padded(t, dtype)
     for bias in (rpb, None):
         want = na2d_qk_reference(q, k, case[5], case[6], bias)
         got = ops.na2d_qk(cast(q), cast(k), None if bias is None else cast(bias), ks, dil)
-        _assert_close('na2d_qk', got, want, dtype)
+        assert_scaled_close(got, want, TOL[dtype], 'na2d_qk')
     attn = _representable(torch.softmax(want, -1))
     k_leaf, bias_leaf = k.clone().requires_grad_(), rpb.clone().requires_grad_()
     grad_k, grad_rpb = torch.autograd.grad(
         na2d_qk_reference(q, k_leaf, case[5], case[6], bias_leaf), (k_leaf, bias_leaf), attn)
     av_want = na2d_av_reference(attn, v, case[5], case[6])
-    _assert_close('na2d_av', ops.na2d_av(cast(attn), cast(v), ks, dil), av_want, dtype)
-    _assert_close('na2d_inverse', ops.na2d_inverse(cast(attn), cast(q), ks, dil), grad_k, dtype)
-    _assert_close('na2d_rpb_grad', ops.na2d_rpb_grad(cast(attn), ks, dil), grad_rpb, dtype)
+    tol = TOL[dtype]
+    assert_scaled_close(ops.na2d_av(cast(attn), cast(v), ks, dil), av_want, tol, 'na2d_av')
+    assert_scaled_close(ops.na2d_inverse(cast(attn), cast(q), ks, dil), grad_k, tol,
+                        'na2d_inverse')
+    assert_scaled_close(ops.na2d_rpb_grad(cast(attn), ks, dil), grad_rpb, tol, 'na2d_rpb_grad')
     assert set(_launched(ops)) >= {'qk_kernel', 'av_kernel', 'inverse_kernel',
                                    'rpb_partial_kernel', 'rpb_reduce_kernel'}
 
