@@ -31,6 +31,7 @@ pytestmark = pytest.mark.skipif(unavailable_reason() is not None,
 FORCE_SIMPLE = 'NAT_MM_CUDA_FORCE_SIMPLE'
 TENSOR_CORES = 'NAT_MM_CUDA_TENSOR_CORES'
 ORDER = 'NAT_MM_EMULATION_ORDER'
+POISON = 'NAT_MM_EMULATION_POISON'
 MMA_DIMS = (16, 32, 64, 128)  # head dims of the tensor-core kernels
 
 # (batch, heads, H, W, head_dim, kernel_size, dilation)
@@ -140,9 +141,13 @@ def test_fused_float64_takes_the_simple_kernels(ops, monkeypatch):
 
 
 @pytest.mark.parametrize('case', [CASES[2], CASES[3], CASES[5]], ids=_ids)
-def test_fused_with_threads_in_reverse_order(ops, case, path, monkeypatch):
-    """Another interleaving of the threads: a barrier the kernels lack would show here."""
-    monkeypatch.setenv(ORDER, 'reverse')
+@pytest.mark.parametrize('order, poison', [('forward', 'huge'), ('reverse', 'nan'),
+                                           ('reverse', 'huge')])
+def test_fused_other_interleavings(ops, case, path, order, poison, monkeypatch):
+    """Another order of the threads and another shared-memory poison: a barrier the kernels
+    lack shows in one of them (a lane reads what a later lane has not written yet)."""
+    monkeypatch.setenv(ORDER, order)
+    monkeypatch.setenv(POISON, poison)
     _check_fused(ops, case, torch.bfloat16, path)
 
 
@@ -193,10 +198,12 @@ def test_selftest_wmma_layouts(ops):
     assert torch.equal(out[1], a @ b)     # B read row-major
 
 
-def test_selftest_unwritten_shared_memory_reads_nan(ops):
+def test_selftest_unwritten_shared_memory_reads_poison(ops, monkeypatch):
     out = ops.selftest('uninitialized_shared')
     assert torch.equal(out[0::2], torch.arange(0, 64, 2, dtype=torch.float32))
     assert out[1::2].isnan().all()
+    monkeypatch.setenv(POISON, 'huge')
+    assert ops.selftest('uninitialized_shared')[1::2].eq(float.fromhex('0x1.fefefep+127')).all()
 
 
 def test_selftest_missing_syncwarp_shows(ops, monkeypatch):

@@ -11,8 +11,9 @@
 // here: a launch past the shared-memory or thread limits, barriers that diverge (a
 // deadlock), a warp collective with exited lanes, misaligned 16-byte or wmma accesses, a
 // write past the dynamic shared memory. Shared memory starts as NaN bytes (0xFF) in every
-// block, so a read of what no thread wrote shows up in the result, and a lane's part of a
-// wmma store appears only when that lane runs, so a missing __syncwarp shows up too
+// block (NAT_MM_EMULATION_POISON=huge: 0x7F, for reads that a max() would skip as NaN), so
+// a read of what no thread wrote shows up in the result, and a lane's part of a wmma store
+// appears only when that lane runs, so a missing __syncwarp shows up too
 // (NAT_MM_EMULATION_ORDER=reverse runs the threads of a block in reverse order).
 #pragma once
 
