@@ -10,11 +10,13 @@ import glob
 import importlib.util
 import os
 import shutil
+import time
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, 'csrc')
+STALE_LOCK_S = 900  # a build takes about a minute
 
 
 def unavailable_reason():
@@ -43,6 +45,10 @@ def emulated_ops():
 
     build_dir = os.path.join(ROOT, 'build', 'cuda_emulation')
     os.makedirs(build_dir, exist_ok=True)
+    # torch's build lock: one left by an interrupted build would make load() wait forever
+    lock = os.path.join(build_dir, 'lock')
+    if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > STALE_LOCK_S:
+        os.remove(lock)
     sources = sorted(glob.glob(os.path.join(CSRC, 'emulation', '*.cpp')))
     sources.append(os.path.join(CSRC, 'na2d_checks.cpp'))
     load(name='nat_mm_cuda_emulation', sources=sources, build_directory=build_dir,
