@@ -131,8 +131,9 @@ inline bool env_flag(const char* name) {
 inline bool force_simple() { return env_flag("NAT_MM_CUDA_FORCE_SIMPLE"); }
 
 // NAT_MM_CUDA_TENSOR_CORES=1: the fused ops take the tensor-core kernels where they apply.
-// Opt-in until a GPU run has verified them: they were written and compile-checked in a
-// session whose GPU machine was withdrawn before they could run (docs/gpu.md).
+// Opt-in until a GPU run has verified and timed them: they were written and compile-checked
+// in a session whose GPU machine was withdrawn before they could run; they pass the CPU
+// emulation's tests (tests/test_cuda_emulation.py) since 2026-12-07 (docs/gpu.md).
 inline bool tensor_cores_enabled() { return env_flag("NAT_MM_CUDA_TENSOR_CORES"); }
 
 // ------------------------------------------------------------------ device helpers

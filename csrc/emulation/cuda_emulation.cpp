@@ -103,6 +103,8 @@ void fiber_main() {
     (*l.body)();
   } catch (const std::exception& e) {
     if (l.error.empty()) l.error = e.what();
+  } catch (...) {  // nothing may unwind past a fiber's first frame
+    if (l.error.empty()) l.error = "a non-standard exception in device code";
   }
   l.current->state = State::done;
   swapcontext(&l.current->context, &l.scheduler);  // never resumed
@@ -281,13 +283,15 @@ void run_grid(const void* kernel, unsigned int grid, int threads, size_t smem,
   l.grid = dim3{grid, 1, 1};
   l.block = dim3{static_cast<unsigned int>(threads), 1, 1};
   l.fibers.resize(static_cast<size_t>(threads));
-  running = &l;
+  struct Running {  // cleared however the launch ends
+    explicit Running(Launch* l) { running = l; }
+    ~Running() { running = nullptr; }
+  } guard(&l);
   bool ok = true;
   for (unsigned int b = 0; b < grid && ok; ++b) {
     l.block_index = dim3{b, 0, 0};
     ok = run_block(l, smem);
   }
-  running = nullptr;
   TORCH_CHECK(ok, "emulated kernel, block ", l.block_index.x, " of ", grid, ": ", l.error);
 }
 
