@@ -14,13 +14,16 @@ What it cannot show: timing, the hardware's memory model beyond the barriers abo
 anything of nvcc itself (tests/test_cuda_compile.py compiles the same sources with nvcc;
 tests/test_cuda_ops.py runs them on a GPU).
 """
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from bad_op_calls import IDS, bad_calls
-from cuda_emulation import emulated_ops, unavailable_reason
+from cuda_emulation import asan_runtime, emulated_ops, unavailable_reason
 from nat_mm.ops.reference import na2d_av_reference, na2d_qk_reference, na2d_reference
 # the GPU tests' inputs, tolerances and path fixture (default / tensor-cores / simple)
 from test_cuda_ops import TOL, _base, _representable, assert_scaled_close, path  # noqa: F401
@@ -92,7 +95,12 @@ def _padded(t, dtype):
     return view
 
 
-def _check_fused(ops, case, dtype, path, with_rpb=True):
+def _exact(t, dtype):
+    """t in `dtype` in an allocation of its own size (AddressSanitizer sees any overrun)."""
+    return None if t is None else t.to(dtype).clone()
+
+
+def _check_fused(ops, case, dtype, path, with_rpb=True, padded=True):
     q, k, v, rpb, g = _base(case, with_rpb)
     ks, dil, scale = list(case[5]), list(case[6]), case[4] ** -0.5
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -101,7 +109,7 @@ def _check_fused(ops, case, dtype, path, with_rpb=True):
     wanted = leaves + ([rpb_leaf] if with_rpb else [])
     ref_grads = torch.autograd.grad(ref, wanted, g)
 
-    cast = lambda t: _padded(t, dtype)
+    cast = (lambda t: _padded(t, dtype)) if padded else (lambda t: _exact(t, dtype))
     _launched(ops)
     out, lse = ops.na2d_fused(cast(q), cast(k), cast(v), cast(rpb), ks, dil, scale)
     fwd = _launched(ops)
@@ -153,11 +161,11 @@ def test_fused_other_interleavings(ops, case, path, order, poison, monkeypatch):
 
 @pytest.mark.parametrize('dtype', DTYPES + [torch.float64], ids=str)
 @pytest.mark.parametrize('case', [CASES[1], CASES[3], CASES[5]], ids=_ids)
-def test_unfused_ops(ops, case, dtype):
+def test_unfused_ops(ops, case, dtype, padded=True):
     """na2d_qk (with and without rpb), na2d_av, na2d_inverse and na2d_rpb_grad."""
     q, k, v, rpb, g = _base(case, True)
     ks, dil = list(case[5]), list(case[6])
-    cast = lambda t: _padded(t, dtype)
+    cast = (lambda t: _padded(t, dtype)) if padded else (lambda t: _exact(t, dtype))
     for bias in (rpb, None):
         want = na2d_qk_reference(q, k, case[5], case[6], bias)
         got = ops.na2d_qk(cast(q), cast(k), None if bias is None else cast(bias), ks, dil)
@@ -230,3 +238,55 @@ def test_selftest_faults_raise(ops, name, match):
 
 def test_selftest_shared_memory_opt_in(ops):
     assert ops.selftest('shared_memory_optin')[:32].eq(1).all()  # one block of 32 threads
+
+
+# ------------------------------------------------------------------ AddressSanitizer
+def _run_under_asan(*args):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(p for p in (root, os.environ.get('PYTHONPATH')) if p)
+    env = dict(os.environ, LD_PRELOAD=asan_runtime(), ASAN_OPTIONS='detect_leaks=0',
+               PYTHONPATH=path)
+    return subprocess.run([sys.executable, os.path.abspath(__file__), *args], env=env,
+                          capture_output=True, text=True, timeout=1800)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(asan_runtime() is None, reason='no AddressSanitizer runtime (libasan)')
+def test_kernels_under_address_sanitizer():
+    """Every path on exact-size tensors in a build with AddressSanitizer: no kernel reads or
+    writes past a tensor, even where the result would not show it. The faulty self-test
+    kernel shows that such a read is reported through the fibers."""
+    fault = _run_under_asan('--asan', 'read_past_input')
+    assert fault.returncode != 0 and 'heap-buffer-overflow' in fault.stderr, fault.stderr[-3000:]
+    clean = _run_under_asan('--asan')
+    assert clean.returncode == 0, clean.stdout[-2000:] + clean.stderr[-6000:]
+    assert 'AddressSanitizer' not in clean.stderr
+    assert 'checked 27 runs' in clean.stdout, clean.stdout[-2000:]
+
+
+def _asan_main(argv):
+    """Run by the test above in a process that preloads the AddressSanitizer runtime."""
+    ops = emulated_ops(asan=True)
+    if argv:  # a self-test case
+        ops.selftest(argv[0])
+        return
+    runs = 0
+    for path in ('simple', 'default', 'tensor-cores'):
+        os.environ.pop(FORCE_SIMPLE, None)
+        os.environ.pop(TENSOR_CORES, None)
+        if path == 'simple':
+            os.environ[FORCE_SIMPLE] = '1'
+        elif path == 'tensor-cores':
+            os.environ[TENSOR_CORES] = '1'
+        for case in CASES:
+            _check_fused(ops, case, torch.float16, path, padded=False)
+            runs += 1
+    for case in [CASES[1], CASES[3], CASES[5]]:
+        test_unfused_ops(ops, case, torch.float32, padded=False)
+        runs += 1
+    print(f'checked {runs} runs')
+
+
+if __name__ == '__main__':
+    assert sys.argv[1] == '--asan', 'usage: test_cuda_emulation.py --asan [selftest case]'
+    _asan_main(sys.argv[2:])

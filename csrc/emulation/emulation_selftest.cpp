@@ -96,6 +96,12 @@ static __global__ void write_past_shared_kernel(float* out) {
   out[threadIdx.x] = 1.f;
 }
 
+// Reads one element past its input (a fault only AddressSanitizer sees: the memory there
+// is usually readable).
+static __global__ void read_past_input_kernel(const float* in, int64_t n, float* out) {
+  out[threadIdx.x] = in[n - 1 + threadIdx.x];
+}
+
 static at::Tensor floats(int64_t n) { return at::zeros({n}, at::kFloat); }
 
 at::Tensor emulation_selftest(c10::string_view name) {
@@ -141,6 +147,10 @@ at::Tensor emulation_selftest(c10::string_view name) {
   } else if (name == "misaligned_wmma") {
     at::Tensor a = at::zeros({512}, at::kHalf);
     launch_kernel(misaligned_wmma_kernel, 1, 32, 0, stream, a.const_data_ptr<c10::Half>(), o);
+  } else if (name == "read_past_input") {  // for the AddressSanitizer build only
+    at::Tensor in = floats(8);
+    launch_kernel(read_past_input_kernel, 1, 2, 0, stream, in.const_data_ptr<float>(),
+                  in.numel(), o);
   } else if (name == "write_past_shared") {
     launch_kernel(write_past_shared_kernel, 1, 32, 1024, stream, o);
   } else {
