@@ -15,6 +15,7 @@ anything of nvcc itself (tests/test_cuda_compile.py compiles the same sources wi
 tests/test_cuda_ops.py runs them on a GPU).
 """
 import os
+import random
 import re
 import subprocess
 import sys
@@ -100,7 +101,7 @@ def _exact(t, dtype):
     return None if t is None else t.to(dtype).clone()
 
 
-def _check_fused(ops, case, dtype, path, with_rpb=True, padded=True):
+def _check_fused(ops, case, dtype, path, with_rpb=True, padded=True, check_kernels=True):
     q, k, v, rpb, g = _base(case, with_rpb)
     ks, dil, scale = list(case[5]), list(case[6]), case[4] ** -0.5
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -117,9 +118,10 @@ def _check_fused(ops, case, dtype, path, with_rpb=True, padded=True):
                                     ks, dil, scale)
     bwd = _launched(ops)
 
-    want_fwd, want_bwd = _fused_kernels(path, dtype, case[4])
-    assert all(name in fwd for name in want_fwd), f'forward ran {fwd}, not {want_fwd}'
-    assert all(name in bwd for name in want_bwd), f'backward ran {bwd}, not {want_bwd}'
+    if check_kernels:
+        want_fwd, want_bwd = _fused_kernels(path, dtype, case[4])
+        assert all(name in fwd for name in want_fwd), f'forward ran {fwd}, not {want_fwd}'
+        assert all(name in bwd for name in want_bwd), f'backward ran {bwd}, not {want_bwd}'
     assert_scaled_close(out, ref, TOL[dtype], 'out')
     logits = na2d_qk_reference(q * scale, k, case[5], case[6], rpb)
     assert_scaled_close(lse, torch.logsumexp(logits, -1), TOL[dtype], 'lse')
@@ -240,6 +242,36 @@ def test_selftest_shared_memory_opt_in(ops):
     assert ops.selftest('shared_memory_optin')[:32].eq(1).all()  # one block of 32 threads
 
 
+def _random_case(rng):
+    """A random problem small enough for the emulation (at most 150k elements per tensor)."""
+    while True:
+        ks = (rng.choice([3, 5, 7, 9, 11, 13]), rng.choice([3, 5, 7, 9, 11, 13]))
+        dil = (rng.choice([1, 1, 2, 3, 4]), rng.choice([1, 1, 2, 3, 4]))
+        size = [rng.randint(k * d, max(k * d, 36)) for k, d in zip(ks, dil)]
+        case = (rng.choice([1, 2]), rng.choice([1, 2]), *size,
+                rng.choice([8, 16, 24, 32, 33, 48, 64, 100, 128]), ks, dil)
+        if case[0] * case[1] * size[0] * size[1] * case[4] <= 150_000:
+            return case
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('seed', range(40))
+def test_fused_random_shapes(ops, seed, monkeypatch):
+    """Random shapes, kernels, dilations, dtypes, paths, thread orders and poisons; values
+    only (which kernels run depends on what fits shared memory)."""
+    rng = random.Random(seed)
+    case = _random_case(rng)
+    path = rng.choice(['simple', 'default', 'tensor-cores'])
+    for name in (FORCE_SIMPLE, TENSOR_CORES):
+        monkeypatch.delenv(name, raising=False)
+    if path != 'default':
+        monkeypatch.setenv(FORCE_SIMPLE if path == 'simple' else TENSOR_CORES, '1')
+    monkeypatch.setenv(ORDER, rng.choice(['forward', 'reverse']))
+    monkeypatch.setenv(POISON, rng.choice(['nan', 'huge']))
+    _check_fused(ops, case, rng.choice(DTYPES), path, with_rpb=rng.random() < 0.8,
+                 check_kernels=False)
+
+
 # ------------------------------------------------------------------ AddressSanitizer
 def _run_under_asan(*args):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -288,5 +320,5 @@ def _asan_main(argv):
 
 
 if __name__ == '__main__':
-    assert sys.argv[1] == '--asan', 'usage: test_cuda_emulation.py --asan [selftest case]'
+    assert sys.argv[1:2] == ['--asan'], 'usage: test_cuda_emulation.py --asan [selftest case]'
     _asan_main(sys.argv[2:])
