@@ -5,10 +5,12 @@ with the float64 reference.
 Every kernel of every path: the straightforward kernels (NAT_MM_CUDA_FORCE_SIMPLE=1), the
 tiled ones (the default path) and the tensor-core (wmma) ones (NAT_MM_CUDA_TENSOR_CORES=1);
 forward and every gradient, float32/float16/bfloat16 (and float64), borders, dilation,
-rectangular kernels, odd head dims; the threads of each block also in reverse order
-(a missing barrier then reads NaN). Each test checks which kernels ran, so a fallback to
-another path fails it. The emulation's own checks are tested on faulty kernels
-(csrc/emulation/emulation_selftest.cpp).
+rectangular kernels, odd head dims; inputs inside NaN margins (a read past a tensor
+shows); the threads of each block also in reverse order and shared memory poisoned with
+huge values instead of NaN (a missing barrier then shows). Each test checks which kernels
+ran, so a fallback to another path fails it. The emulation's own checks are tested on
+faulty kernels (csrc/emulation/emulation_selftest.cpp). Marked slow: random shapes, and
+the kernels in an AddressSanitizer build on exact-size tensors.
 
 What it cannot show: timing, the hardware's memory model beyond the barriers above, and
 anything of nvcc itself (tests/test_cuda_compile.py compiles the same sources with nvcc;
