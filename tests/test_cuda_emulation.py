@@ -188,6 +188,29 @@ def test_unfused_ops(ops, case, dtype, padded=True):
                                    'rpb_partial_kernel', 'rpb_reduce_kernel'}
 
 
+@pytest.mark.parametrize('shape', [(0, 2, 9, 9, 16), (1, 0, 9, 9, 16), (1, 2, 9, 9, 0)],
+                         ids=['batch0', 'heads0', 'dim0'])
+def test_fused_empty_inputs(ops, shape, path):
+    """An empty batch, no heads or head dim 0: right shapes, no launch of an empty grid
+    (an error on a GPU)."""
+    q = torch.randn(*shape).half()
+    rpb = torch.randn(shape[1], 5, 5).half()
+    out, lse = ops.na2d_fused(q, q, q, rpb, [3, 3], [1, 1], 0.25)
+    grads = ops.na2d_fused_backward(q, q, q, q, rpb, out, lse, [3, 3], [1, 1], 0.25)
+    assert out.shape == q.shape and lse.shape == q.shape[:4]
+    assert [g.shape for g in grads] == [q.shape] * 3 + [rpb.shape]
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_fused_non_contiguous_inputs(ops, path):
+    x = torch.randn(1, 9, 9, 2, 16).half().permute(0, 3, 1, 2, 4)  # [B, heads, H, W, D] view
+    assert not x.is_contiguous()
+    out, lse = ops.na2d_fused(x, x, x, None, [3, 3], [1, 1], 0.25)
+    c = x.contiguous()
+    want, want_lse = ops.na2d_fused(c, c, c, None, [3, 3], [1, 1], 0.25)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+
+
 @pytest.mark.parametrize('index', range(len(IDS)), ids=IDS)
 def test_entry_points_check_their_inputs(ops, index):
     """The CUDA entry points, called with one bad argument, raise naming it."""
