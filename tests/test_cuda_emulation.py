@@ -29,13 +29,12 @@ from bad_op_calls import IDS, bad_calls
 from cuda_emulation import asan_runtime, emulated_ops, unavailable_reason
 from nat_mm.ops.reference import na2d_av_reference, na2d_qk_reference, na2d_reference
 # the GPU tests' inputs, tolerances and path fixture (default / tensor-cores / simple)
-from test_cuda_ops import TOL, _base, _representable, assert_scaled_close, path  # noqa: F401
+from test_cuda_ops import (FORCE_SIMPLE, TOL, _base, _representable,  # noqa: F401
+                           assert_scaled_close, path, select_path)
 
 pytestmark = pytest.mark.skipif(unavailable_reason() is not None,
                                 reason=unavailable_reason() or '')
 
-FORCE_SIMPLE = 'NAT_MM_CUDA_FORCE_SIMPLE'
-TENSOR_CORES = 'NAT_MM_CUDA_TENSOR_CORES'
 ORDER = 'NAT_MM_EMULATION_ORDER'
 POISON = 'NAT_MM_EMULATION_POISON'
 MMA_DIMS = (16, 32, 64, 128)  # head dims of the tensor-core kernels
@@ -90,17 +89,18 @@ def _fused_kernels(path, dtype, dim):
 def _padded(t, dtype):
     """t in `dtype` as a view into a buffer with NaN on both sides: a read past either end
     of the tensor turns the result NaN. 64 elements keep the view 128-byte aligned."""
-    if t is None:
-        return None
     buf = torch.full((t.numel() + 2 * PAD,), float('nan'), dtype=dtype)
     view = buf[PAD:PAD + t.numel()].view(t.shape)
     view.copy_(t)
     return view
 
 
-def _exact(t, dtype):
-    """t in `dtype` in an allocation of its own size (AddressSanitizer sees any overrun)."""
-    return None if t is None else t.to(dtype).clone()
+def _as_input(t, dtype, padded):
+    """t in `dtype`: inside NaN margins (_padded), or else in an allocation of its own size
+    (AddressSanitizer then sees any overrun)."""
+    if t is None:
+        return None
+    return _padded(t, dtype) if padded else t.to(dtype).clone()
 
 
 def _check_fused(ops, case, dtype, path, with_rpb=True, padded=True, check_kernels=True):
@@ -112,7 +112,7 @@ def _check_fused(ops, case, dtype, path, with_rpb=True, padded=True, check_kerne
     wanted = leaves + ([rpb_leaf] if with_rpb else [])
     ref_grads = torch.autograd.grad(ref, wanted, g)
 
-    cast = (lambda t: _padded(t, dtype)) if padded else (lambda t: _exact(t, dtype))
+    cast = lambda t: _as_input(t, dtype, padded)
     _launched(ops)
     out, lse = ops.na2d_fused(cast(q), cast(k), cast(v), cast(rpb), ks, dil, scale)
     fwd = _launched(ops)
@@ -169,7 +169,7 @@ def test_unfused_ops(ops, case, dtype, padded=True):
     """na2d_qk (with and without rpb), na2d_av, na2d_inverse and na2d_rpb_grad."""
     q, k, v, rpb, g = _base(case, True)
     ks, dil = list(case[5]), list(case[6])
-    cast = (lambda t: _padded(t, dtype)) if padded else (lambda t: _exact(t, dtype))
+    cast = lambda t: _as_input(t, dtype, padded)
     for bias in (rpb, None):
         want = na2d_qk_reference(q, k, case[5], case[6], bias)
         got = ops.na2d_qk(cast(q), cast(k), None if bias is None else cast(bias), ks, dil)
@@ -287,10 +287,7 @@ def test_fused_random_shapes(ops, seed, monkeypatch):
     rng = random.Random(seed)
     case = _random_case(rng)
     path = rng.choice(['simple', 'default', 'tensor-cores'])
-    for name in (FORCE_SIMPLE, TENSOR_CORES):
-        monkeypatch.delenv(name, raising=False)
-    if path != 'default':
-        monkeypatch.setenv(FORCE_SIMPLE if path == 'simple' else TENSOR_CORES, '1')
+    select_path(path, monkeypatch.setenv, lambda name: monkeypatch.delenv(name, raising=False))
     monkeypatch.setenv(ORDER, rng.choice(['forward', 'reverse']))
     monkeypatch.setenv(POISON, rng.choice(['nan', 'huge']))
     _check_fused(ops, case, rng.choice(DTYPES), path, with_rpb=rng.random() < 0.8,
@@ -329,12 +326,7 @@ def _asan_main(argv):
         return
     runs = 0
     for path in ('simple', 'default', 'tensor-cores'):
-        os.environ.pop(FORCE_SIMPLE, None)
-        os.environ.pop(TENSOR_CORES, None)
-        if path == 'simple':
-            os.environ[FORCE_SIMPLE] = '1'
-        elif path == 'tensor-cores':
-            os.environ[TENSOR_CORES] = '1'
+        select_path(path, os.environ.__setitem__, lambda name: os.environ.pop(name, None))
         for case in CASES:
             _check_fused(ops, case, torch.float16, path, padded=False)
             runs += 1

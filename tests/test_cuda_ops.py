@@ -98,16 +98,23 @@ def assert_scaled_close(actual, expected, tol, what=''):
     assert err <= tol * scale, f'{what}: max error {err:.3g} > {tol:g} * scale {scale:.3g}'
 
 
+def select_path(path, setenv, delenv):
+    """Sets the switches of one kernel path ('default', 'tensor-cores' or 'simple') with
+    setenv(name, value) / delenv(name)."""
+    delenv(FORCE_SIMPLE)
+    delenv(TENSOR_CORES)
+    if path == 'simple':
+        setenv(FORCE_SIMPLE, '1')
+    elif path == 'tensor-cores':
+        setenv(TENSOR_CORES, '1')
+
+
 @pytest.fixture(params=['default', 'tensor-cores', 'simple'])
 def path(request, monkeypatch):
     """Run a test on the default kernels (tiled where they apply), with the opt-in
     tensor-core kernels, and on the simple kernels."""
-    monkeypatch.delenv(FORCE_SIMPLE, raising=False)
-    monkeypatch.delenv(TENSOR_CORES, raising=False)
-    if request.param == 'simple':
-        monkeypatch.setenv(FORCE_SIMPLE, '1')
-    elif request.param == 'tensor-cores':
-        monkeypatch.setenv(TENSOR_CORES, '1')
+    select_path(request.param, monkeypatch.setenv,
+                lambda name: monkeypatch.delenv(name, raising=False))
     return request.param
 
 

@@ -29,17 +29,18 @@ namespace {
 // What shared memory holds before a thread writes it: 0xFF bytes (NaN as float32, float16
 // and bfloat16) by default; NAT_MM_EMULATION_POISON=huge gives 0x7F bytes (3.4e38 as
 // float32 and bfloat16, NaN as float16), which max() picks where it would skip a NaN.
-unsigned char poison_byte() {
-  const char* v = std::getenv("NAT_MM_EMULATION_POISON");
-  return v != nullptr && std::strcmp(v, "huge") == 0 ? 0x7F : 0xFF;
+bool env_is(const char* name, const char* value) {
+  const char* v = std::getenv(name);
+  return v != nullptr && std::strcmp(v, value) == 0;
 }
+
+unsigned char poison_byte() { return env_is("NAT_MM_EMULATION_POISON", "huge") ? 0x7F : 0xFF; }
 constexpr size_t kStackBytes = 256 * 1024;
 
 enum class State { ready, block_barrier, warp_barrier, done };
 
 struct Fiber {
   ucontext_t context;
-  char* stack = nullptr;  // kStackBytes above a guard page
   State state = State::ready;
   const char* op = nullptr;  // the warp call it waits in
   unsigned int tid = 0;
@@ -142,8 +143,8 @@ std::string warp_states(const Launch& l, unsigned int first, unsigned int end) {
 }
 
 // Releases the warps whose lanes all wait in one kind of warp call, or the block when every
-// live thread waits in __syncthreads; an error when nothing can go on.
-bool release_barriers(Launch& l, std::string& error) {
+// live thread waits in __syncthreads; false with l.error set when nothing can go on.
+bool release_barriers(Launch& l) {
   const unsigned int n = l.block.x;
   bool released = false, all_at_block = true;
   for (unsigned int first = 0; first < n; first += kWarpSize) {
@@ -163,7 +164,7 @@ bool release_barriers(Launch& l, std::string& error) {
     }
     if (waiting == 0) continue;
     if (exited > 0 || !same_op) {
-      error = "warp " + std::to_string(first / kWarpSize) +
+      l.error = "warp " + std::to_string(first / kWarpSize) +
               " waits in a warp call that not all its lanes reach:" +
               warp_states(l, first, end);
       return false;
@@ -180,13 +181,8 @@ bool release_barriers(Launch& l, std::string& error) {
     }
     return true;
   }
-  error = "deadlock: barriers diverge within the block:" + warp_states(l, 0, n);
+  l.error = "deadlock: barriers diverge within the block:" + warp_states(l, 0, n);
   return false;
-}
-
-bool reverse_order() {
-  const char* v = std::getenv("NAT_MM_EMULATION_ORDER");
-  return v != nullptr && std::strcmp(v, "reverse") == 0;
 }
 
 // One block; false with l.error set on an error.
@@ -204,7 +200,7 @@ bool run_block(Launch& l, size_t smem) {
     f.context.uc_link = nullptr;
     makecontext(&f.context, fiber_main, 0);
   }
-  const bool reverse = reverse_order();
+  const bool reverse = env_is("NAT_MM_EMULATION_ORDER", "reverse");
   for (;;) {
     for (unsigned int i = 0; i < n; ++i) {
       Fiber& f = l.fibers[reverse ? n - 1 - i : i];
@@ -216,7 +212,7 @@ bool run_block(Launch& l, size_t smem) {
     bool all_done = true;
     for (const Fiber& f : l.fibers) all_done = all_done && f.state == State::done;
     if (all_done) break;
-    if (!release_barriers(l, l.error)) return false;
+    if (!release_barriers(l)) return false;
   }
   for (size_t b = smem; b < cuda_detail::kSmemBufferBytes; ++b) {
     if (cuda_detail::smem_raw[b] != poison) {
