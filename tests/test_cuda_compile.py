@@ -7,6 +7,7 @@ script's header). Skipped, with that reason, when nvcc is not on PATH or when
 NAT_MM_SKIP_CUDA_COMPILE=1. Takes about 3-5 minutes on 2 cores (most of it nvcc).
 """
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -42,6 +43,9 @@ def test_every_cuda_source_compiles_for_sm80_and_sm90():
     assert sources, 'no CUDA sources'
     for name in sources:
         assert f'OK    {name}' in output, f'{name} not reported as compiled:\n{output}'
+    # Its own temporary object directory is removed after a clean run.
+    out_dir = re.search(r'objects in (\S+)', output).group(1)
+    assert not os.path.exists(out_dir), f'{out_dir} left behind'
 
 
 def test_compile_check_names_the_failing_file(tmp_path):

@@ -11,7 +11,8 @@
 #   NVCC               compiler                 (default: nvcc on PATH)
 #   JOBS               parallel compiles        (default 2)
 #   NAT_MM_CUDA_ARCHS  space-separated SM list  (default "80 90")
-#   OUT_DIR            object files             (default: a fresh /tmp/nat_mm_cuda_objs.XXXX)
+#   OUT_DIR            object files and logs    (default: a fresh /tmp/nat_mm_cuda_objs.XXXX,
+#                      removed at the end when every source compiled, kept to read otherwise)
 #   NAT_MM_CUDA_SOURCES  space-separated .cu files to compile instead of csrc/cuda/*.cu
 set -u -o pipefail
 
@@ -89,7 +90,11 @@ if [ ${#SOURCES[@]} -eq 0 ]; then
   echo "cuda_compile_check: no csrc/cuda/*.cu sources" >&2
   exit 1
 fi
-OUT_DIR="${OUT_DIR:-$(mktemp -d /tmp/nat_mm_cuda_objs.XXXXXX)}"
+OWN_OUT_DIR=0
+if [ -z "${OUT_DIR:-}" ]; then
+  OUT_DIR="$(mktemp -d /tmp/nat_mm_cuda_objs.XXXXXX)"
+  OWN_OUT_DIR=1
+fi
 mkdir -p "$OUT_DIR"
 echo "cuda_compile_check: $("$NVCC" --version | tail -1); torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)'); archs: $ARCHS; $JOBS jobs; objects in $OUT_DIR"
 
@@ -128,3 +133,5 @@ if [ ${#failed[@]} -gt 0 ]; then
   exit 1
 fi
 echo "cuda_compile_check: all CUDA sources compiled"
+# Its own temporary objects (17 MB a run) would otherwise pile up in /tmp run after run.
+if [ "$OWN_OUT_DIR" = 1 ]; then rm -rf "$OUT_DIR"; fi
