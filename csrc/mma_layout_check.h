@@ -12,4 +12,9 @@ namespace nat_mm {
 at::Tensor mma_neighbor_keys(int64_t height, int64_t width, int64_t kh, int64_t kw,
                              int64_t dh, int64_t dw);
 
+// [height, width, kh*kw] int64: the key whose gather in the key-side tensor-core kernel
+// covers neighbor (m, n) of each query (-1 where none does).
+at::Tensor mma_key_side_pairs(int64_t height, int64_t width, int64_t kh, int64_t kw,
+                              int64_t dh, int64_t dw);
+
 }  // namespace nat_mm

@@ -67,17 +67,23 @@ struct InverseRange {
   NAT_HOST_DEVICE int64_t query(int64_t sub) const { return sub * dilation + residue; }
 };
 
+// On one sub-grid (length sub_len): the smallest query whose window end reaches key_sub,
+// and the largest whose window start is <= key_sub.
+NAT_HOST_DEVICE int64_t sub_inverse_first(int64_t key_sub, int64_t kernel) {
+  return key_sub - kernel + 1 <= 0 ? 0 : key_sub - kernel / 2;
+}
+NAT_HOST_DEVICE int64_t sub_inverse_last(int64_t key_sub, int64_t sub_len, int64_t kernel) {
+  return key_sub >= sub_len - kernel ? sub_len - 1 : key_sub + kernel / 2;
+}
+
 NAT_HOST_DEVICE InverseRange axis_inverse(int64_t key_index, int64_t length, int64_t kernel,
                                           int64_t dilation) {
   InverseRange r;
   r.residue = key_index % dilation;
   r.dilation = dilation;
   const int64_t key_sub = key_index / dilation;
-  const int64_t sub_len = subgrid_length(length, dilation, r.residue);
-  const int64_t half = kernel / 2;
-  // Smallest query whose window end reaches the key; largest whose start is <= the key.
-  r.first = key_sub - kernel + 1 <= 0 ? 0 : key_sub - kernel + 1 + half;
-  r.last = key_sub >= sub_len - kernel ? sub_len - 1 : key_sub + half;
+  r.first = sub_inverse_first(key_sub, kernel);
+  r.last = sub_inverse_last(key_sub, subgrid_length(length, dilation, r.residue), kernel);
   return r;
 }
 

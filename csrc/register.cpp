@@ -41,6 +41,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("mma_neighbor_keys", &nat_mm::mma_neighbor_keys,
              "Key each neighbor of each query reads in the tensor-core kernels' staged halo "
              "(host walk of their layout, for tests).");
+  module.def("mma_key_side_pairs", &nat_mm::mma_key_side_pairs,
+             "Key whose key-side tensor-core gather covers each (query, neighbor) pair "
+             "(host walk of their layout, for tests).");
   module.def("cpu_scratch_stats", []() {
     const nat_mm::ScratchStats s = nat_mm::scratch_stats();
     pybind11::dict d;

@@ -82,7 +82,7 @@ def _fused_kernels(path, dtype, dim):
         return ['qk_kernel', 'softmax_lse_kernel', 'av_kernel'], ['bwd_scores_kernel',
                                                                    'inverse_kernel']
     if path == 'tensor-cores' and dtype != torch.float32 and dim in MMA_DIMS:
-        return ['fused_fwd_mma_kernel'], ['fused_bwd_mma_kernel', 'fused_bwd_keys_tiled_kernel']
+        return ['fused_fwd_mma_kernel'], ['fused_bwd_mma_kernel', 'fused_bwd_keys_mma_kernel']
     return ['fused_fwd_tiled_kernel'], ['fused_bwd_tiled_kernel', 'fused_bwd_keys_tiled_kernel']
 
 

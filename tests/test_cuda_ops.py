@@ -156,10 +156,11 @@ def test_fused_forward_backward(case, dtype, path):
 @pytest.mark.parametrize('case', [CASES[3], CASES[4], CASES[5], CASES[6]], ids=_ids)
 def test_tensor_core_kernels_are_separate_kernels(case, dtype, monkeypatch):
     """At head dims 16/32/64 in float16/bfloat16, NAT_MM_CUDA_TENSOR_CORES=1 routes the
-    forward and the backward's query side to the tensor-core kernels. They round the
-    probabilities (forward) and ds (backward) to the input dtype for the second GEMM, so out
-    and grad_q are close to the CUDA-core kernels' but not bit-identical (identical would
-    mean they did not run)."""
+    forward and both sides of the backward to the tensor-core kernels. They round the
+    probabilities (forward), ds (query side) and p and ds (key side) to the input dtype for
+    their second GEMM, so out and the q/k/v gradients are close to the CUDA-core kernels'
+    but not bit-identical (identical would mean they did not run). (Which kernels run is
+    asserted by name in the CPU emulation, tests/test_cuda_emulation.py.)"""
     ks, dil = list(case[5]), list(case[6])
     scale = case[4] ** -0.5
     q, k, v, rpb, g = _base(case, True)
@@ -175,9 +176,10 @@ def test_tensor_core_kernels_are_separate_kernels(case, dtype, monkeypatch):
         assert_scaled_close(lse, lse_ref, TOL[dtype], f'lse ({name})')
         for what, a, e in zip(('grad_q', 'grad_k', 'grad_v', 'grad_rpb'), grads, grads_ref):
             assert_scaled_close(a, e, TOL[dtype], f'{what} ({name})')
-        results[name] = (out, grads[0])
-    assert not torch.equal(results['tensor cores'][0], results['cuda cores'][0])
-    assert not torch.equal(results['tensor cores'][1], results['cuda cores'][1])
+        results[name] = (out, *grads[:3])
+    for what, a, b in zip(('out', 'grad_q', 'grad_k', 'grad_v'), results['tensor cores'],
+                          results['cuda cores']):
+        assert not torch.equal(a, b), f'{what}: the tensor-core kernels did not run'
 
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16], ids=str)

@@ -6,6 +6,11 @@ key each neighbor of each query reads from the staged halo; it also checks that 
 leaves a warp's GEMM range or hits a zero slot. Here that key must be the neighbor the
 definition gives (``axis_neighbors``, the reference's index math), for borders, dilation,
 rectangular kernels, maps smaller than a tile and kernel == map.
+
+``nat_mm._C.mma_key_side_pairs`` walks the backward's key tiles the same way (each key
+gathers the queries that see it from a warp range of the staged query halo) and reports,
+for every (query, neighbor) pair, the key whose gather covered it: every pair exactly
+once, and the key must again be the one the definition gives.
 """
 import pytest
 import torch
@@ -50,7 +55,21 @@ def test_every_neighbor_reads_its_key(case):
     assert torch.equal(got, _expected(height, width, kernel, dilation))
 
 
-def test_bad_geometry_raises():
+@pytest.mark.parametrize('case', CASES + [
+    (16, 16, (7, 7), (1, 1)),      # 2k > map: both borders clamp the same key rows
+    (200, 336, (7, 7), (1, 1)),    # detection stage 1
+    (31, 29, (11, 5), (2, 3)),
+], ids=lambda c: '{}x{}_k{}x{}_d{}x{}'.format(c[0], c[1], *c[2], *c[3]))
+def test_key_side_covers_every_pair_once(case):
+    from nat_mm import _C
+    height, width, kernel, dilation = case
+    got = _C.mma_key_side_pairs(height, width, *kernel, *dilation)
+    assert (got >= 0).all(), 'a (query, neighbor) pair was not gathered by any key'
+    assert torch.equal(got, _expected(height, width, kernel, dilation))
+
+
+@pytest.mark.parametrize('walk', ['mma_neighbor_keys', 'mma_key_side_pairs'])
+def test_bad_geometry_raises(walk):
     from nat_mm import _C
     with pytest.raises(RuntimeError, match='kernel'):
-        _C.mma_neighbor_keys(5, 5, 7, 7, 1, 1)
+        getattr(_C, walk)(5, 5, 7, 7, 1, 1)

@@ -256,6 +256,13 @@ bool backward_query_side_mma(const at::Tensor& q, const at::Tensor& k, const at:
                              const at::Tensor& grad_q, const Geometry& g, double scale,
                              cudaStream_t stream);
 
+// The fused backward's key side (grad_k, grad_v from the p and ds maps) on tensor cores,
+// likewise.
+bool backward_key_side_mma(const at::Tensor& q, const at::Tensor& go, const at::Tensor& p,
+                           const at::Tensor& ds, const at::Tensor& grad_k,
+                           const at::Tensor& grad_v, const Geometry& g, double scale,
+                           cudaStream_t stream);
+
 // out[h, bi, bj] = sum of grad_attn entries whose bias bin is (bi, bj); deterministic.
 void launch_rpb_grad(const at::Tensor& grad_attn, const at::Tensor& out, const Geometry& g,
                      cudaStream_t stream);

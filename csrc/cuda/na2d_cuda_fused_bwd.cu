@@ -17,6 +17,7 @@
 //  * simple: a warp-per-query delta kernel, a thread-per-(query, neighbor) kernel for p and
 //    ds, then grad_q through the av kernel.
 // The key-side pass (grad_k, grad_v) likewise:
+//  * tensor cores: na2d_cuda_fused_mma.cu, opt-in with the query side's;
 //  * tiled: a tile of keys with the halo of queries that see them (their q and grad_out in
 //    shared memory), G threads per key; the window arithmetic runs once per (key, query)
 //    pair on the sub-grid (no division), the p/ds entries come from the maps;
@@ -194,35 +195,24 @@ __global__ void __launch_bounds__(kThreads)
 
   for_each_tile(query, grad_out, static_cast<const T*>(nullptr), sm, g, tc, group,
                 [&](const TileQuery& tk, const Tile& t) {
-    // Queries (sub-grid rows/columns) that see this key; clamped windows, so the ranges
-    // come from axis_inverse, and neighbor index = key - window start of the query.
-    const InverseRange ir = axis_inverse(tk.sub_h * g.dh + t.ri, g.height, g.kh, g.dh);
-    const InverseRange ic = axis_inverse(tk.sub_w * g.dw + t.rj, g.width, g.kw, g.dw);
     float gk[DPT], gv[DPT];
 #pragma unroll
     for (int u = 0; u < DPT; ++u) gk[u] = gv[u] = 0.f;
-    for (int64_t sr = ir.first; sr <= ir.last; ++sr) {
-      const int64_t m = tk.sub_h - sub_window_start(sr, t.len_h, g.kh);
-      if (m < 0 || m >= g.kh) continue;  // cannot happen (axis_inverse), kept as a guard
-      const int64_t map_row = (t.plane + (sr * g.dh + t.ri) * g.width) * g.window + m * g.kw;
-      const int64_t halo_row = (sr - t.k0h) * tc.halo_w - t.k0w;
-      for (int64_t sc = ic.first; sc <= ic.last; ++sc) {
-        const int64_t n = tk.sub_w - sub_window_start(sc, t.len_w, g.kw);
-        if (n < 0 || n >= g.kw) continue;
-        const int64_t w_off = map_row + (sc * g.dw + t.rj) * g.window + n;
-        const float pv = p_map[w_off], dsv = ds_map[w_off];
-        const T* qs = sm.keys + (halo_row + sc) * tc.stride;
-        const T* gs = sm.values + (halo_row + sc) * tc.stride;
+    for_each_query_of_key(tk.sub_h, tk.sub_w, t, g, 0, 1,
+                          [&](int64_t entry, int64_t qh, int64_t qw) {
+      const float pv = p_map[entry], dsv = ds_map[entry];
+      const int64_t slot = ((qh - t.k0h) * tc.halo_w + qw - t.k0w) * tc.stride;
+      const T* qs = sm.keys + slot;
+      const T* gs = sm.values + slot;
 #pragma unroll
-        for (int u = 0; u < DPT; ++u) {
-          const int64_t d = lane + u * G;
-          if (d < D) {
-            gk[u] += dsv * static_cast<float>(qs[d]);
-            gv[u] += pv * static_cast<float>(gs[d]);
-          }
+      for (int u = 0; u < DPT; ++u) {
+        const int64_t d = lane + u * G;
+        if (d < D) {
+          gk[u] += dsv * static_cast<float>(qs[d]);
+          gv[u] += pv * static_cast<float>(gs[d]);
         }
       }
-    }
+    });
     if (tk.active) {
 #pragma unroll
       for (int u = 0; u < DPT; ++u) {
@@ -304,9 +294,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_fused_backward_c
                             }));
   if (!done) query_side_simple(q, k, v, go, o, bias, ls, p, ds, grad_q, g, scale, stream);
   // the key side's tiles are larger (query halo): they may not fit where the query side's did
-  const bool keys_done = done && with_tiled_type(dtype, [&](auto type) {
-    return key_side_tiled<decltype(type)>(q, go, p, ds, grad_k, grad_v, g, scale, stream);
-  });
+  const bool keys_done =
+      done && (backward_key_side_mma(q, go, p, ds, grad_k, grad_v, g, scale, stream) ||
+               with_tiled_type(dtype, [&](auto type) {
+                 return key_side_tiled<decltype(type)>(q, go, p, ds, grad_k, grad_v, g, scale,
+                                                       stream);
+               }));
   if (!keys_done) launch_inverse(ds, q, grad_k, scale, p, go, grad_v, 1.0, g, stream);
   launch_rpb_grad(ds, grad_rpb, g, stream);
   return {grad_q, grad_k, grad_v, grad_rpb};

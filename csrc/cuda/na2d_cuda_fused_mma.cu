@@ -1,6 +1,7 @@
 // Fused neighborhood attention on tensor cores (float16/bfloat16, sm_80+, head_dim
-// 16/32/64/128; opt-in with NAT_MM_CUDA_TENSOR_CORES=1 until verified on a GPU): the forward, flash-attention style (no attention map in memory), and the
-// backward's query side (p, ds and grad_q; the key side stays in na2d_cuda_fused_bwd.cu).
+// 16/32/64/128; opt-in with NAT_MM_CUDA_TENSOR_CORES=1 until verified on a GPU): the
+// forward, flash-attention style (no attention map in memory), and the backward's query
+// side (p, ds and grad_q) and key side (grad_k, grad_v).
 //
 // A block takes a tile of 8 x 8 queries of one (batch, head) and one dilation residue class
 // (the tiles of na2d_cuda_tile.cuh) and stages the keys and values of the tile's halo, the
@@ -14,6 +15,11 @@
 // bfloat16 into a zeroed [16 x NK] probability block, and O = P . V is the second GEMM.
 // The backward recomputes S, adds dP = dO [16 x D] . V^T as a second GEMM of the same
 // shape, and grad_q = scale * dS . K mirrors P . V.
+// The key side takes tiles of 8 x 8 keys and stages the halo of queries that see them (q
+// and grad_out rows). Each warp owns 16 keys; the queries that see them lie in `rows`
+// consecutive halo rows (na2d_mma_layout.h), so grad_v = P^T . dO and grad_k = scale *
+// dS^T . Q are the second GEMM again, over [16 x nk] weights gathered from the query side's
+// p and ds maps (each key's entries at its queries' slots, zeros elsewhere).
 // Halo slots outside the map are zero in shared memory, so they add 0 (never 0 * NaN).
 #include <initializer_list>
 
@@ -69,7 +75,8 @@ struct MmaConfig {
   TileConfig tile;  // tile grid and largest halo (rows x columns)
   int pitch;        // halo slots per halo row in shared memory
   int stride;       // elements per key / query row in shared memory (head_dim + 8)
-  int nk;           // keys per warp GEMM
+  int nk;           // keys (key side: queries) per warp GEMM
+  int rows;         // key side: query rows per warp range
   int s_ld, p_ld;   // row lengths of the per-warp float blocks and of the weight block
   int slots;        // key / value slots staged per tile
   // byte offsets: keys at 0, then values, queries, grad_out (backward), logits, logit
@@ -79,38 +86,55 @@ struct MmaConfig {
 
 inline int64_t align128(int64_t bytes) { return (bytes + 127) / 128 * 128; }
 
-// Shared memory plan (2-byte elements); the backward adds grad_out rows and a second float
-// block. False when it does not fit.
-inline bool plan_mma(const Geometry& g, int64_t smem_limit, bool backward, MmaConfig& mc) {
+// The three tensor-core kernels.
+enum class MmaPass { kForward, kQuerySide, kKeySide };
+
+// Shared memory plan (2-byte elements). The forward stages the key/value halo, the tile's
+// query rows, a float block per warp (logits, then output rows), the weights and the rpb
+// table; the query side adds grad_out rows and a second float block (dP); the key side
+// stages the query/grad_out halo (in the key/value places), the weights and a float block
+// of output rows. False when it does not fit.
+inline bool plan_mma(const Geometry& g, int64_t smem_limit, MmaPass pass, MmaConfig& mc) {
   TileConfig& tc = mc.tile;
   const int64_t sub_h = (g.height + g.dh - 1) / g.dh;  // longest sub-grid (residue 0)
   const int64_t sub_w = (g.width + g.dw - 1) / g.dw;
+  const bool keys = pass == MmaPass::kKeySide, query_side = pass == MmaPass::kQuerySide;
+  MmaLayout lay;
+  if (keys) {
+    const MmaKeyHalo halo = mma_key_halo(g.height, g.width, g.kh, g.kw, g.dh, g.dw);
+    tc.halo_h = static_cast<int>(halo.halo_h);
+    tc.halo_w = static_cast<int>(halo.halo_w);
+    lay = mma_key_layout(halo.halo_h, halo.halo_w, halo.rows);
+    mc.rows = static_cast<int>(halo.rows);
+  } else {
+    tc.halo_h = static_cast<int>(std::min<int64_t>(kMmaTile + g.kh - 1, sub_h));
+    tc.halo_w = static_cast<int>(std::min<int64_t>(kMmaTile + g.kw - 1, sub_w));
+    lay = mma_layout(tc.halo_h, tc.halo_w, g.kh);
+    mc.rows = static_cast<int>(g.kh) + 1;
+  }
   tc.th = kMmaTile;
   tc.tw = kMmaTile;
-  tc.halo_h = static_cast<int>(std::min<int64_t>(kMmaTile + g.kh - 1, sub_h));
-  tc.halo_w = static_cast<int>(std::min<int64_t>(kMmaTile + g.kw - 1, sub_w));
-  tc.key_tile = 0;
+  tc.key_tile = keys ? 1 : 0;
   tc.tiles_h = (sub_h + kMmaTile - 1) / kMmaTile;
   tc.tiles_w = (sub_w + kMmaTile - 1) / kMmaTile;
   tc.total_tiles = g.bh * g.dh * g.dw * tc.tiles_h * tc.tiles_w;
-  const MmaLayout lay = mma_layout(tc.halo_h, tc.halo_w, g.kh);
   mc.pitch = static_cast<int>(lay.pitch);
   mc.stride = static_cast<int>(g.dim) + 8;
   mc.nk = static_cast<int>(lay.nk);
-  mc.s_ld = static_cast<int>(std::max<int64_t>(mc.nk, g.dim)) + 4;
+  mc.s_ld = static_cast<int>(keys ? g.dim : std::max<int64_t>(mc.nk, g.dim)) + 4;
   mc.p_ld = mc.nk + 8;
   mc.slots = static_cast<int>(lay.slots);
   const int64_t kv = align128(int64_t(mc.slots) * mc.stride * 2);
-  const int64_t rows = align128(int64_t(kMmaWarps) * 16 * mc.stride * 2);
+  const int64_t rows = keys ? 0 : align128(int64_t(kMmaWarps) * 16 * mc.stride * 2);
   const int64_t block = align128(int64_t(kMmaWarps) * 16 * mc.s_ld * 4);
   mc.off_v = kv;
   mc.off_q = mc.off_v + kv;
   mc.off_g = mc.off_q + rows;
-  mc.off_s = mc.off_g + (backward ? rows : 0);
+  mc.off_s = mc.off_g + (query_side ? rows : 0);
   mc.off_d = mc.off_s + block;
-  mc.off_p = mc.off_d + (backward ? block : 0);
+  mc.off_p = mc.off_d + (query_side ? block : 0);
   mc.off_bias = mc.off_p + align128(int64_t(kMmaWarps) * 16 * mc.p_ld * 2);
-  mc.off_stats = mc.off_bias + align128(g.bias_h * g.bias_w * 4);
+  mc.off_stats = mc.off_bias + (keys ? 0 : align128(g.bias_h * g.bias_w * 4));
   mc.smem_bytes = mc.off_stats + kMmaWarps * 32 * 4;
   tc.bias_offset = mc.off_bias;
   tc.smem_bytes = mc.smem_bytes;
@@ -160,7 +184,39 @@ __device__ __forceinline__ MmaSmem<M> mma_smem(unsigned char* raw, const MmaConf
   return s;
 }
 
-// The whole block stages the tile: key/value halo, the 64 query rows (and grad_out rows
+// The whole block stages a halo of two tensors (keys and values; on the key side queries
+// and grad_out), zeros outside the map.
+template <typename M, int D>
+__device__ __forceinline__ void stage_mma_halo(const M* a, const M* b, M* a_dst, M* b_dst,
+                                               const Geometry& g, const MmaConfig& mc,
+                                               const Tile& t) {
+  constexpr int CHUNKS = D / 8;
+  for (int e = threadIdx.x; e < mc.slots * CHUNKS; e += blockDim.x) {
+    const int slot = e / CHUNKS, c = e - slot * CHUNKS;
+    const int hr = slot / mc.pitch, hc = slot - hr * mc.pitch;
+    M* ad = a_dst + slot * mc.stride + c * 8;
+    M* bd = b_dst + slot * mc.stride + c * 8;
+    if (hr < t.nh && hc < t.nw) {
+      const int64_t src =
+          (t.plane + ((t.k0h + hr) * g.dh + t.ri) * g.width + (t.k0w + hc) * g.dw + t.rj) * D +
+          c * 8;
+      copy16(ad, a + src);
+      copy16(bd, b + src);
+    } else {
+      zero16(ad);
+      zero16(bd);
+    }
+  }
+}
+
+// Each warp zeroes its weight block.
+template <typename M>
+__device__ __forceinline__ void zero_weights(const MmaSmem<M>& sm, const MmaConfig& mc) {
+  const int lane = threadIdx.x & 31;
+  for (int e = lane; e < 16 * mc.p_ld / 8; e += 32) zero16(sm.p_w + e * 8);
+}
+
+// The whole block stages a query tile: key/value halo, the 64 query rows (and grad_out rows
 // when `grads` is given) and the rpb table; each warp zeroes its weight block.
 template <typename M, int D, typename R>
 __device__ __forceinline__ void stage_mma_tile(const M* key, const M* value, const M* query,
@@ -168,22 +224,7 @@ __device__ __forceinline__ void stage_mma_tile(const M* key, const M* value, con
                                                const MmaSmem<M>& sm, const Geometry& g,
                                                const MmaConfig& mc, const Tile& t) {
   constexpr int CHUNKS = D / 8;
-  for (int e = threadIdx.x; e < mc.slots * CHUNKS; e += blockDim.x) {
-    const int slot = e / CHUNKS, c = e - slot * CHUNKS;
-    const int hr = slot / mc.pitch, hc = slot - hr * mc.pitch;
-    M* kd = sm.keys + slot * mc.stride + c * 8;
-    M* vd = sm.values + slot * mc.stride + c * 8;
-    if (hr < t.nh && hc < t.nw) {
-      const int64_t src =
-          (t.plane + ((t.k0h + hr) * g.dh + t.ri) * g.width + (t.k0w + hc) * g.dw + t.rj) * D +
-          c * 8;
-      copy16(kd, key + src);
-      copy16(vd, value + src);
-    } else {
-      zero16(kd);
-      zero16(vd);
-    }
-  }
+  stage_mma_halo<M, D>(key, value, sm.keys, sm.values, g, mc, t);
   for (int e = threadIdx.x; e < kMmaTile * kMmaTile * CHUNKS; e += blockDim.x) {
     const int slot = e / CHUNKS, c = e - slot * CHUNKS;
     const int64_t sh = min64(t.s0h + slot / kMmaTile, t.s1h);  // clamped duplicate past
@@ -199,8 +240,7 @@ __device__ __forceinline__ void stage_mma_tile(const M* key, const M* value, con
       sm.bias[e] = static_cast<float>(rpb[h * bins + e]);
     }
   }
-  const int lane = threadIdx.x & 31;
-  for (int e = lane; e < 16 * mc.p_ld / 8; e += 32) zero16(sm.p_w + e * 8);
+  zero_weights(sm, mc);
 }
 
 // The query that lanes 2r and 2r+1 of a warp share, and where its window lies in the
@@ -328,8 +368,23 @@ struct WarpTile {
   const M* grads;      // their grad_out rows (backward)
 };
 
-// The block walks its tiles (grid-stride), stages each one (grad_out rows too when given),
-// and calls body(WarpTile) for this warp's 16 queries.
+// The block walks its tiles (grid-stride): stage(tile) with the whole block, then
+// body(tile) for this warp.
+template <typename Stage, typename Body>
+__device__ __forceinline__ void walk_mma_tiles(const Geometry& g, const MmaConfig& mc,
+                                               Stage&& stage, Body&& body) {
+  for (int64_t tile = blockIdx.x; tile < mc.tile.total_tiles; tile += gridDim.x) {
+    Tile t;
+    if (!locate_tile(tile, g, mc.tile, t)) continue;  // uniform over the block
+    __syncthreads();  // the previous tile's readers are done
+    stage(static_cast<const Tile&>(t));
+    __syncthreads();
+    body(static_cast<const Tile&>(t));
+  }
+}
+
+// The query tiles: stages each one (grad_out rows too when given) and calls body(WarpTile)
+// for this warp's 16 queries.
 template <typename T, int D, typename Body>
 __device__ __forceinline__ void for_each_mma_tile(const T* key, const T* value, const T* query,
                                                   const T* grad_out, const T* rpb,
@@ -344,19 +399,18 @@ __device__ __forceinline__ void for_each_mma_tile(const T* key, const T* value, 
   w.sm = mma_smem<M>(smem_raw, mc, w.warp);
   w.queries = w.sm.queries + w.warp * 16 * mc.stride;
   w.grads = w.sm.grads + w.warp * 16 * mc.stride;
-  for (int64_t tile = blockIdx.x; tile < mc.tile.total_tiles; tile += gridDim.x) {
-    if (!locate_tile(tile, g, mc.tile, w.t)) continue;  // uniform over the block
-    __syncthreads();  // the previous tile's readers are done
+  walk_mma_tiles(g, mc, [&](const Tile& t) {
     stage_mma_tile<M, D>(in(key), in(value), in(query), grad_out ? in(grad_out) : nullptr, rpb,
-                         w.sm, g, mc, w.t);
-    __syncthreads();
-    const int row_lo = warp_row_lo(w.warp, g, w.t);
+                         w.sm, g, mc, t);
+  }, [&](const Tile& t) {
+    w.t = t;
+    const int row_lo = warp_row_lo(w.warp, g, t);
     const int64_t first = int64_t(row_lo) * mc.pitch * mc.stride;
     w.keys = w.sm.keys + first;
     w.values = w.sm.values + first;
-    w.lq = lane_query(w.warp, w.lane, row_lo, g, mc, w.t);
+    w.lq = lane_query(w.warp, w.lane, row_lo, g, mc, t);
     body(static_cast<const WarpTile<M>&>(w));
-  }
+  });
 }
 
 // ------------------------------------------------------------------ forward
@@ -450,14 +504,75 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
 #endif
 }
 
+// ------------------------------------------------------------------ backward, key side
+// Fills this lane's half of its key's weight row with map entries: for every query that
+// sees the key, at that query's slot in the warp's query range (starting row_lo halo rows
+// in). The other slots stay as they are (zero, or the same entries of the other map).
+template <typename M>
+__device__ __forceinline__ void gather_key_weights(const float* map, M* w_row, int64_t sub_h,
+                                                   int64_t sub_w, int half, int row_lo,
+                                                   const Geometry& g, const MmaConfig& mc,
+                                                   const Tile& t) {
+  for_each_query_of_key(sub_h, sub_w, t, g, half, 2, [&](int64_t entry, int64_t qh,
+                                                          int64_t qw) {
+    w_row[(qh - t.k0h - row_lo) * mc.pitch + qw - t.k0w] = Convert<M>::from(map[entry]);
+  });
+}
+
+// grad_k = scale * dS^T . Q and grad_v = P^T . dO for a tile of keys; the lanes 2r and 2r+1
+// of a warp gather the weights of its key r (a clamped duplicate past the tile's edge,
+// which is not stored). The weights are rounded to the input dtype for the tensor cores.
+template <typename T, int KD>
+__global__ void __launch_bounds__(kMmaWarps * 32)
+    fused_bwd_keys_mma_kernel(const T* __restrict__ query, const T* __restrict__ grad_out,
+                              const float* __restrict__ p_map, const float* __restrict__ ds_map,
+                              T* __restrict__ grad_k, T* __restrict__ grad_v, const Geometry g,
+                              const float scale, const MmaConfig mc) {
+#if NAT_MM_MMA_DEVICE_CODE
+  using M = typename MmaElement<T>::type;
+  constexpr int D = KD * 16;
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
+  const int r = lane >> 1, half = lane & 1;
+  const MmaSmem<M> sm = mma_smem<M>(smem_raw, mc, warp);  // keys <- queries, values <- grad_out
+  M* w_row = sm.p_w + r * mc.p_ld;
+  walk_mma_tiles(g, mc, [&](const Tile& t) {
+    stage_mma_halo<M, D>(reinterpret_cast<const M*>(query), reinterpret_cast<const M*>(grad_out),
+                         sm.keys, sm.values, g, mc, t);
+    zero_weights(sm, mc);
+  }, [&](const Tile& t) {
+    const int row_lo = static_cast<int>(
+        mma_key_row_lo(warp, t.s0h, t.s1h, t.len_h, g.kh, t.k0h, t.nh, mc.rows));
+    const int64_t first = int64_t(row_lo) * mc.pitch * mc.stride;
+    const int slot = warp * 16 + r;
+    const int64_t sub_h = min64(t.s0h + slot / kMmaTile, t.s1h);
+    const int64_t sub_w = min64(t.s0w + slot % kMmaTile, t.s1w);
+    // grad_k from ds and the query rows, then grad_v from p (same slots) and grad_out
+    gather_key_weights(ds_map, w_row, sub_h, sub_w, half, row_lo, g, mc, t);
+    if (half == 0) sm.row_w[r] = scale;
+    __syncwarp();
+    warp_mix<M, KD>(sm.p_w, sm.keys + first, mc, sm.s_w);
+    __syncwarp();
+    warp_store_rows<T, D>(grad_k, sm.s_w, sm.row_w, warp, lane, g, mc, t);
+    __syncwarp();  // the weights, the rows and their factors are read
+    gather_key_weights(p_map, w_row, sub_h, sub_w, half, row_lo, g, mc, t);
+    if (half == 0) sm.row_w[r] = 1.f;
+    __syncwarp();
+    warp_mix<M, KD>(sm.p_w, sm.values + first, mc, sm.s_w);
+    __syncwarp();
+    warp_store_rows<T, D>(grad_v, sm.s_w, sm.row_w, warp, lane, g, mc, t);
+  });
+#endif
+}
+
 // Plans and launches kernel<T, head_dim / 16>(args..., g, scale, mc) for head dims
 // 16/32/64/128 on sm_80+ with 16-byte aligned tensors; false where it does not apply.
 template <typename T, template <typename, int> class Kernel, typename... Args>
-bool launch_mma(bool backward, const Geometry& g, double scale, int device, cudaStream_t stream,
-                Args... args) {
+bool launch_mma(MmaPass pass, const Geometry& g, double scale, int device,
+                cudaStream_t stream, Args... args) {
   const DeviceLimits lim = device_limits(device);
   MmaConfig mc;
-  if (lim.major < 8 || !plan_mma(g, lim.smem_optin, backward, mc)) return false;
+  if (lim.major < 8 || !plan_mma(g, lim.smem_optin, pass, mc)) return false;
   auto launch = [&](auto kernel) {
     // The body exists only in code for compute capability >= 8.0: a build whose PTX targets
     // an older virtual arch (JIT-compiled for this device) has an empty kernel.
@@ -497,6 +612,10 @@ template <typename T, int KD>
 struct BackwardMma {
   static auto get() { return fused_bwd_mma_kernel<T, KD>; }
 };
+template <typename T, int KD>
+struct BackwardKeysMma {
+  static auto get() { return fused_bwd_keys_mma_kernel<T, KD>; }
+};
 
 bool aligned16(const at::Tensor& t) {
   return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0;
@@ -526,9 +645,10 @@ bool fused_forward_mma(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   return with_mma_type(q.scalar_type(), {q, k, v, out}, [&](auto type) {
     using T = decltype(type);
     return launch_mma<T, ForwardMma>(
-        false, g, scale, q.device().index(), stream, q.const_data_ptr<T>(), k.const_data_ptr<T>(),
-        v.const_data_ptr<T>(), rpb.defined() ? rpb.const_data_ptr<T>() : nullptr,
-        out.mutable_data_ptr<T>(), lse.mutable_data_ptr<float>());
+        MmaPass::kForward, g, scale, q.device().index(), stream, q.const_data_ptr<T>(),
+        k.const_data_ptr<T>(), v.const_data_ptr<T>(),
+        rpb.defined() ? rpb.const_data_ptr<T>() : nullptr, out.mutable_data_ptr<T>(),
+        lse.mutable_data_ptr<float>());
   });
 }
 
@@ -540,10 +660,23 @@ bool backward_query_side_mma(const at::Tensor& q, const at::Tensor& k, const at:
   return with_mma_type(q.scalar_type(), {q, k, v, go, o, grad_q}, [&](auto type) {
     using T = decltype(type);
     return launch_mma<T, BackwardMma>(
-        true, g, scale, q.device().index(), stream, q.const_data_ptr<T>(), k.const_data_ptr<T>(),
-        v.const_data_ptr<T>(), go.const_data_ptr<T>(), o.const_data_ptr<T>(),
+        MmaPass::kQuerySide, g, scale, q.device().index(), stream, q.const_data_ptr<T>(),
+        k.const_data_ptr<T>(), v.const_data_ptr<T>(), go.const_data_ptr<T>(), o.const_data_ptr<T>(),
         rpb.defined() ? rpb.const_data_ptr<T>() : nullptr, lse.const_data_ptr<float>(),
         p.mutable_data_ptr<float>(), ds.mutable_data_ptr<float>(), grad_q.mutable_data_ptr<T>());
+  });
+}
+
+bool backward_key_side_mma(const at::Tensor& q, const at::Tensor& go, const at::Tensor& p,
+                           const at::Tensor& ds, const at::Tensor& grad_k,
+                           const at::Tensor& grad_v, const Geometry& g, double scale,
+                           cudaStream_t stream) {
+  return with_mma_type(q.scalar_type(), {q, go, grad_k, grad_v}, [&](auto type) {
+    using T = decltype(type);
+    return launch_mma<T, BackwardKeysMma>(
+        MmaPass::kKeySide, g, scale, q.device().index(), stream, q.const_data_ptr<T>(),
+        go.const_data_ptr<T>(), p.const_data_ptr<float>(), ds.const_data_ptr<float>(),
+        grad_k.mutable_data_ptr<T>(), grad_v.mutable_data_ptr<T>());
   });
 }
 

@@ -253,6 +253,27 @@ __device__ __forceinline__ void for_each_tile(const T* __restrict__ key,
   }
 }
 
+// The queries that see key (sub_h, sub_w) of tile t (on its residue's sub-grid; clamped
+// windows, so the ranges come from the inverse window and the neighbor index is key - the
+// query's window start): f(map entry of (query, neighbor), query sub row, query sub column)
+// for every col_step-th column of the range from its col_offset-th on.
+template <typename F>
+__device__ __forceinline__ void for_each_query_of_key(int64_t sub_h, int64_t sub_w,
+                                                      const Tile& t, const Geometry& g,
+                                                      int col_offset, int col_step, F&& f) {
+  const int64_t last_h = sub_inverse_last(sub_h, t.len_h, g.kh);
+  const int64_t first_w = sub_inverse_first(sub_w, g.kw);
+  const int64_t last_w = sub_inverse_last(sub_w, t.len_w, g.kw);
+  for (int64_t qh = sub_inverse_first(sub_h, g.kh); qh <= last_h; ++qh) {
+    const int64_t m = sub_h - sub_window_start(qh, t.len_h, g.kh);
+    const int64_t map_row = (t.plane + (qh * g.dh + t.ri) * g.width) * g.window + m * g.kw;
+    for (int64_t qw = first_w + col_offset; qw <= last_w; qw += col_step) {
+      const int64_t n = sub_w - sub_window_start(qw, t.len_w, g.kw);
+      f(map_row + (qw * g.dw + t.rj) * g.window + n, qh, qw);
+    }
+  }
+}
+
 // Sum over the G lanes of one query's group (all lanes of the group get the sum).
 template <int G>
 __device__ __forceinline__ float group_sum(float x) {
