@@ -76,7 +76,7 @@ struct MmaConfig {
   int pitch;        // halo slots per halo row in shared memory
   int stride;       // elements per key / query row in shared memory (head_dim + 8)
   int nk;           // keys (key side: queries) per warp GEMM
-  int rows;         // key side: query rows per warp range
+  int rows;         // halo rows per warp range (kh + 1; key side: mma_key_range_rows)
   int s_ld, p_ld;   // row lengths of the per-warp float blocks and of the weight block
   int slots;        // key / value slots staged per tile
   // byte offsets: keys at 0, then values, queries, grad_out (backward), logits, logit
@@ -217,7 +217,7 @@ __device__ __forceinline__ void zero_weights(const MmaSmem<M>& sm, const MmaConf
 }
 
 // The whole block stages a query tile: key/value halo, the 64 query rows (and grad_out rows
-// when `grads` is given) and the rpb table; each warp zeroes its weight block.
+// when `grad_out` is given) and the rpb table; each warp zeroes its weight block.
 template <typename M, int D, typename R>
 __device__ __forceinline__ void stage_mma_tile(const M* key, const M* value, const M* query,
                                                const M* grad_out, const R* rpb,
