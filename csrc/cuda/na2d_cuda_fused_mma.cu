@@ -547,20 +547,18 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
     const int slot = warp * 16 + r;
     const int64_t sub_h = min64(t.s0h + slot / kMmaTile, t.s1h);
     const int64_t sub_w = min64(t.s0w + slot % kMmaTile, t.s1w);
-    // grad_k from ds and the query rows, then grad_v from p (same slots) and grad_out
-    gather_key_weights(ds_map, w_row, sub_h, sub_w, half, row_lo, g, mc, t);
-    if (half == 0) sm.row_w[r] = scale;
-    __syncwarp();
-    warp_mix<M, KD>(sm.p_w, sm.keys + first, mc, sm.s_w);
-    __syncwarp();
-    warp_store_rows<T, D>(grad_k, sm.s_w, sm.row_w, warp, lane, g, mc, t);
+    // dst rows = factor * (weights from map) . src rows
+    auto gradient = [&](const float* map, const M* src, float factor, T* dst) {
+      gather_key_weights(map, w_row, sub_h, sub_w, half, row_lo, g, mc, t);
+      if (half == 0) sm.row_w[r] = factor;
+      __syncwarp();
+      warp_mix<M, KD>(sm.p_w, src, mc, sm.s_w);
+      __syncwarp();
+      warp_store_rows<T, D>(dst, sm.s_w, sm.row_w, warp, lane, g, mc, t);
+    };
+    gradient(ds_map, sm.keys + first, scale, grad_k);
     __syncwarp();  // the weights, the rows and their factors are read
-    gather_key_weights(p_map, w_row, sub_h, sub_w, half, row_lo, g, mc, t);
-    if (half == 0) sm.row_w[r] = 1.f;
-    __syncwarp();
-    warp_mix<M, KD>(sm.p_w, sm.values + first, mc, sm.s_w);
-    __syncwarp();
-    warp_store_rows<T, D>(grad_v, sm.s_w, sm.row_w, warp, lane, g, mc, t);
+    gradient(p_map, sm.values + first, 1.f, grad_v);  // p fills the same slots as ds
   });
 #endif
 }
