@@ -44,8 +44,9 @@ def test_every_cuda_source_compiles_for_sm80_and_sm90():
     for name in sources:
         assert f'OK    {name}' in output, f'{name} not reported as compiled:\n{output}'
     # Its own temporary object directory is removed after a clean run.
-    out_dir = re.search(r'objects in (\S+)', output).group(1)
-    assert not os.path.exists(out_dir), f'{out_dir} left behind'
+    reported = re.search(r'objects in (\S+)', output)
+    assert reported, f'no object directory reported:\n{output}'
+    assert not os.path.exists(reported.group(1)), f'{reported.group(1)} left behind'
 
 
 def test_compile_check_names_the_failing_file(tmp_path):

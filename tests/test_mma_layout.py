@@ -56,7 +56,7 @@ def test_every_neighbor_reads_its_key(case):
 
 
 @pytest.mark.parametrize('case', CASES + [
-    (16, 16, (7, 7), (1, 1)),      # 2k > map: both borders clamp the same key rows
+    (16, 16, (7, 7), (1, 1)),      # k + k/2 + 1 query rows per warp at both borders
     (200, 336, (7, 7), (1, 1)),    # detection stage 1
     (31, 29, (11, 5), (2, 3)),
 ], ids=lambda c: '{}x{}_k{}x{}_d{}x{}'.format(c[0], c[1], *c[2], *c[3]))
