@@ -282,8 +282,8 @@ def test_benchmark_inference(workspace):
 
 @pytest.mark.parametrize('name', ['train.py', 'test.py', 'get_flops.py', 'image_demo.py',
                                   'benchmark_inference.py', 'make_demo_data.py',
-                                  'dist_train.sh', 'dist_test.sh', 'dist_launch.sh', 'slurm_train.sh',
-                                  'run_demo.sh'])
+                                  'dist_train.sh', 'dist_test.sh', 'dist_launch.sh',
+                                  'slurm_train.sh', 'run_demo.sh'])
 def test_tool_help(name, tmp_path):
     cmd = ['bash'] if name.endswith('.sh') else [sys.executable]
     _, out = run(cmd + [osp.join(TOOLS, name), '--help'], cwd=tmp_path)
