@@ -116,26 +116,35 @@ void check_map(int64_t height, int64_t width, int64_t kh, int64_t kw, int64_t dh
                "nat_mm: mma layout check: the map must hold kernel*dilation");
 }
 
+// Calls tile(rows axis, columns axis, s0h, s0w) for every tile of every residue class, as
+// the kernels' grids cover them.
+template <typename F>
+void for_each_map_tile(int64_t height, int64_t width, int64_t kh, int64_t kw, int64_t dh,
+                       int64_t dw, const MmaHalo& halo, F&& tile) {
+  for (int64_t ri = 0; ri < dh; ++ri) {
+    const Axis ay{subgrid_length(height, dh, ri), kh, halo.halo_h, dh, ri};
+    for (int64_t rj = 0; rj < dw; ++rj) {
+      const Axis ax{subgrid_length(width, dw, rj), kw, halo.halo_w, dw, rj};
+      for (int64_t s0h = 0; s0h < ay.len; s0h += kMmaTile) {
+        for (int64_t s0w = 0; s0w < ax.len; s0w += kMmaTile) tile(ay, ax, s0h, s0w);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 at::Tensor mma_key_side_pairs(int64_t height, int64_t width, int64_t kh, int64_t kw,
                               int64_t dh, int64_t dw) {
   check_map(height, width, kh, kw, dh, dw);
   at::Tensor out = at::full({height, width, kh * kw}, -1, at::kLong);
-  const MmaKeyHalo halo = mma_key_halo(height, width, kh, kw, dh, dw);
+  const MmaHalo halo = mma_halo(height, width, kh, kw, dh, dw, true);
   const MmaLayout lay = mma_key_layout(halo.halo_h, halo.halo_w, halo.rows);
-  for (int64_t ri = 0; ri < dh; ++ri) {
-    const Axis ay{subgrid_length(height, dh, ri), kh, halo.halo_h, dh, ri};
-    for (int64_t rj = 0; rj < dw; ++rj) {
-      const Axis ax{subgrid_length(width, dw, rj), kw, halo.halo_w, dw, rj};
-      for (int64_t s0h = 0; s0h < ay.len; s0h += kMmaTile) {
-        for (int64_t s0w = 0; s0w < ax.len; s0w += kMmaTile) {
-          key_tile_pairs(axis_key_tile(s0h, ay), axis_key_tile(s0w, ax), ay, ax, width, lay,
-                         halo.rows, out.data_ptr<int64_t>());
-        }
-      }
-    }
-  }
+  for_each_map_tile(height, width, kh, kw, dh, dw, halo, [&](const Axis& ay, const Axis& ax,
+                                                              int64_t s0h, int64_t s0w) {
+    key_tile_pairs(axis_key_tile(s0h, ay), axis_key_tile(s0w, ax), ay, ax, width, lay,
+                   halo.rows, out.data_ptr<int64_t>());
+  });
   return out;
 }
 
@@ -143,21 +152,13 @@ at::Tensor mma_neighbor_keys(int64_t height, int64_t width, int64_t kh, int64_t 
                              int64_t dh, int64_t dw) {
   check_map(height, width, kh, kw, dh, dw);
   at::Tensor out = at::full({height, width, kh * kw}, -1, at::kLong);
-  const int64_t halo_h = std::min<int64_t>(kMmaTile + kh - 1, (height + dh - 1) / dh);
-  const int64_t halo_w = std::min<int64_t>(kMmaTile + kw - 1, (width + dw - 1) / dw);
-  const MmaLayout lay = mma_layout(halo_h, halo_w, kh);
-  for (int64_t ri = 0; ri < dh; ++ri) {
-    const Axis ay{subgrid_length(height, dh, ri), kh, halo_h, dh, ri};
-    for (int64_t rj = 0; rj < dw; ++rj) {
-      const Axis ax{subgrid_length(width, dw, rj), kw, halo_w, dw, rj};
-      for (int64_t s0h = 0; s0h < ay.len; s0h += kMmaTile) {
-        for (int64_t s0w = 0; s0w < ax.len; s0w += kMmaTile) {
-          tile_keys(axis_tile(s0h, ay), axis_tile(s0w, ax), ay, ax, width, lay,
-                    out.data_ptr<int64_t>());
-        }
-      }
-    }
-  }
+  const MmaHalo halo = mma_halo(height, width, kh, kw, dh, dw, false);
+  const MmaLayout lay = mma_layout(halo.halo_h, halo.halo_w, kh);
+  for_each_map_tile(height, width, kh, kw, dh, dw, halo, [&](const Axis& ay, const Axis& ax,
+                                                              int64_t s0h, int64_t s0w) {
+    tile_keys(axis_tile(s0h, ay), axis_tile(s0w, ax), ay, ax, width, lay,
+              out.data_ptr<int64_t>());
+  });
   return out;
 }
 

@@ -65,19 +65,21 @@ inline int64_t mma_key_range_rows(int64_t len, int64_t kernel) {
   return rows;
 }
 
-// The largest query halo (rows x columns) of the key tiles of an H x W map, and the query
-// rows per warp range, over all residue classes. Host only.
-struct MmaKeyHalo {
+// The largest halo (rows x columns) of the tiles of an H x W map over all residue classes,
+// and the halo rows per warp range: keys seen by query tiles (tile + k - 1 per axis, kh + 1
+// rows), or queries that see key tiles (tile + 2(k - 1), mma_key_range_rows). Host only.
+struct MmaHalo {
   int64_t halo_h, halo_w, rows;
 };
-inline MmaKeyHalo mma_key_halo(int64_t height, int64_t width, int64_t kh, int64_t kw,
-                               int64_t dh, int64_t dw) {
+inline MmaHalo mma_halo(int64_t height, int64_t width, int64_t kh, int64_t kw, int64_t dh,
+                        int64_t dw, bool key_tiles) {
+  const int64_t reach = key_tiles ? 2 : 1;
   const int64_t sub_h = subgrid_length(height, dh, 0), sub_w = subgrid_length(width, dw, 0);
-  MmaKeyHalo h;
-  h.halo_h = kMmaTile + 2 * (kh - 1) < sub_h ? kMmaTile + 2 * (kh - 1) : sub_h;
-  h.halo_w = kMmaTile + 2 * (kw - 1) < sub_w ? kMmaTile + 2 * (kw - 1) : sub_w;
-  h.rows = 0;
-  for (int64_t r = 0; r < dh; ++r) {
+  MmaHalo h;
+  h.halo_h = kMmaTile + reach * (kh - 1) < sub_h ? kMmaTile + reach * (kh - 1) : sub_h;
+  h.halo_w = kMmaTile + reach * (kw - 1) < sub_w ? kMmaTile + reach * (kw - 1) : sub_w;
+  h.rows = key_tiles ? 0 : kh + 1;
+  for (int64_t r = 0; key_tiles && r < dh; ++r) {
     const int64_t rows = mma_key_range_rows(subgrid_length(height, dh, r), kh);
     h.rows = rows > h.rows ? rows : h.rows;
   }

@@ -99,19 +99,12 @@ inline bool plan_mma(const Geometry& g, int64_t smem_limit, MmaPass pass, MmaCon
   const int64_t sub_h = (g.height + g.dh - 1) / g.dh;  // longest sub-grid (residue 0)
   const int64_t sub_w = (g.width + g.dw - 1) / g.dw;
   const bool keys = pass == MmaPass::kKeySide, query_side = pass == MmaPass::kQuerySide;
-  MmaLayout lay;
-  if (keys) {
-    const MmaKeyHalo halo = mma_key_halo(g.height, g.width, g.kh, g.kw, g.dh, g.dw);
-    tc.halo_h = static_cast<int>(halo.halo_h);
-    tc.halo_w = static_cast<int>(halo.halo_w);
-    lay = mma_key_layout(halo.halo_h, halo.halo_w, halo.rows);
-    mc.rows = static_cast<int>(halo.rows);
-  } else {
-    tc.halo_h = static_cast<int>(std::min<int64_t>(kMmaTile + g.kh - 1, sub_h));
-    tc.halo_w = static_cast<int>(std::min<int64_t>(kMmaTile + g.kw - 1, sub_w));
-    lay = mma_layout(tc.halo_h, tc.halo_w, g.kh);
-    mc.rows = static_cast<int>(g.kh) + 1;
-  }
+  const MmaHalo halo = mma_halo(g.height, g.width, g.kh, g.kw, g.dh, g.dw, keys);
+  const MmaLayout lay = keys ? mma_key_layout(halo.halo_h, halo.halo_w, halo.rows)
+                             : mma_layout(halo.halo_h, halo.halo_w, g.kh);
+  tc.halo_h = static_cast<int>(halo.halo_h);
+  tc.halo_w = static_cast<int>(halo.halo_w);
+  mc.rows = static_cast<int>(halo.rows);
   tc.th = kMmaTile;
   tc.tw = kMmaTile;
   tc.key_tile = keys ? 1 : 0;
