@@ -196,6 +196,46 @@ __device__ __forceinline__ double neg_inf<double>() {
   return -__longlong_as_double(0x7ff0000000000000LL);
 }
 
+// Grid-stride loops over [0, total): body(i) once per index, one index per thread
+// (for_each_thread_index) or per warp (for_each_warp_index: every lane of the warp calls
+// body with the same index; blockDim.x a multiple of 32).
+template <typename Body>
+__device__ __forceinline__ void for_each_thread_index(int64_t total, Body&& body) {
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += step) {
+    body(i);
+  }
+}
+
+template <typename Body>
+__device__ __forceinline__ void for_each_warp_index(int64_t total, Body&& body) {
+  const int64_t warps = blockDim.x / 32;
+  const int64_t step = static_cast<int64_t>(gridDim.x) * warps;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * warps + threadIdx.x / 32; i < total;
+       i += step) {
+    body(i);
+  }
+}
+
+// A flat index over [B*heads, H, W, inner] (inner: neighbors or channels): the pixel
+// (flat over B*heads*H*W), its plane bh = batch*heads + head, row i, column j, and the
+// inner index.
+struct MapIndex {
+  int64_t pixel, inner, bh, i, j;
+};
+
+__device__ __forceinline__ MapIndex map_index(int64_t idx, int64_t inner, const Geometry& g) {
+  MapIndex r;
+  r.pixel = div_fast(idx, inner);
+  r.inner = idx - r.pixel * inner;
+  const int64_t row = div_fast(r.pixel, g.width);
+  r.j = r.pixel - row * g.width;
+  r.bh = div_fast(row, g.height);
+  r.i = row - r.bh * g.height;
+  return r;
+}
+
 // One (query, neighbor) pair of a flat index over [B*heads*H*W, kh*kw]: the query, its
 // neighbor (m, n), the neighbor's key and its rpb entry.
 struct QueryNeighbor {
@@ -205,19 +245,15 @@ struct QueryNeighbor {
 };
 
 __device__ __forceinline__ QueryNeighbor query_neighbor(int64_t idx, const Geometry& g) {
+  const MapIndex pos = map_index(idx, g.window, g);
+  const int64_t m = div_fast(pos.inner, g.kw);
+  const int64_t n = pos.inner - m * g.kw;
+  const AxisWindow wr = axis_window(pos.i, g.height, g.kh, g.dh);
+  const AxisWindow wc = axis_window(pos.j, g.width, g.kw, g.dw);
   QueryNeighbor r;
-  r.query = div_fast(idx, g.window);
-  const int64_t nb = idx - r.query * g.window;
-  const int64_t m = div_fast(nb, g.kw);
-  const int64_t n = nb - m * g.kw;
-  const int64_t row = div_fast(r.query, g.width);
-  const int64_t j = r.query - row * g.width;
-  const int64_t bh = div_fast(row, g.height);
-  const int64_t i = row - bh * g.height;
-  const AxisWindow wr = axis_window(i, g.height, g.kh, g.dh);
-  const AxisWindow wc = axis_window(j, g.width, g.kw, g.dw);
-  r.key = (bh * g.height + wr.key(m)) * g.width + wc.key(n);
-  const int64_t h = bh - div_fast(bh, g.heads) * g.heads;
+  r.query = pos.pixel;
+  r.key = (pos.bh * g.height + wr.key(m)) * g.width + wc.key(n);
+  const int64_t h = pos.bh - div_fast(pos.bh, g.heads) * g.heads;
   r.bias = (h * g.bias_h + wr.bias(m, g.kh)) * g.bias_w + wc.bias(n, g.kw);
   return r;
 }

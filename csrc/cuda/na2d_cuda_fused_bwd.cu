@@ -39,17 +39,14 @@ __global__ void __launch_bounds__(kThreads)
     rowdot_kernel(const T* __restrict__ a, const T* __restrict__ b, AccT* __restrict__ out,
                   const int64_t rows, const int64_t dim) {
   const int lane = threadIdx.x & 31;
-  const int64_t warps = blockDim.x / 32;
-  const int64_t step = static_cast<int64_t>(gridDim.x) * warps;
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * warps + threadIdx.x / 32; row < rows;
-       row += step) {
+  for_each_warp_index(rows, [&](int64_t row) {
     AccT acc = 0;
     for (int64_t d = lane; d < dim; d += 32) {
       acc += static_cast<AccT>(a[row * dim + d]) * static_cast<AccT>(b[row * dim + d]);
     }
     acc = warp_sum(acc);
     if (lane == 0) out[row] = acc;
-  }
+  });
 }
 
 // One thread per (query, neighbor): p and ds.
@@ -60,10 +57,7 @@ __global__ void __launch_bounds__(kThreads)
                       const T* __restrict__ rpb, const AccT* __restrict__ lse,
                       const AccT* __restrict__ delta, AccT* __restrict__ p_out,
                       AccT* __restrict__ ds_out, const Geometry g, const AccT scale) {
-  const int64_t total = g.queries * g.window;
-  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
-       idx += step) {
+  for_each_thread_index(g.queries * g.window, [&](int64_t idx) {
     const QueryNeighbor qn = query_neighbor(idx, g);
     const T* qp = query + qn.query * g.dim;
     const T* gp = grad_out + qn.query * g.dim;
@@ -79,7 +73,7 @@ __global__ void __launch_bounds__(kThreads)
     const AccT p = exp_acc(s - lse[qn.query]);
     p_out[idx] = p;
     ds_out[idx] = p * (dp - delta[qn.query]);
-  }
+  });
 }
 
 void query_side_simple(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -30,10 +30,7 @@ __global__ void __launch_bounds__(kThreads)
     softmax_lse_kernel(AccT* __restrict__ x, AccT* __restrict__ lse, const int64_t rows,
                        const int64_t len) {
   const int lane = threadIdx.x & 31;
-  const int64_t warps = blockDim.x / 32;
-  const int64_t step = static_cast<int64_t>(gridDim.x) * warps;
-  for (int64_t row = static_cast<int64_t>(blockIdx.x) * warps + threadIdx.x / 32; row < rows;
-       row += step) {
+  for_each_warp_index(rows, [&](int64_t row) {
     AccT* p = x + row * len;
     AccT mx = neg_inf<AccT>();
     for (int64_t c = lane; c < len; c += 32) mx = p[c] > mx ? p[c] : mx;
@@ -44,7 +41,7 @@ __global__ void __launch_bounds__(kThreads)
     const AccT l = mx + log_acc(sum);
     for (int64_t c = lane; c < len; c += 32) p[c] = exp_acc(p[c] - l);
     if (lane == 0) lse[row] = l;
-  }
+  });
 }
 
 void fused_forward_simple(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

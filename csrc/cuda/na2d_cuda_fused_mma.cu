@@ -361,21 +361,6 @@ struct WarpTile {
   const M* grads;      // their grad_out rows (backward)
 };
 
-// The block walks its tiles (grid-stride): stage(tile) with the whole block, then
-// body(tile) for this warp.
-template <typename Stage, typename Body>
-__device__ __forceinline__ void walk_mma_tiles(const Geometry& g, const MmaConfig& mc,
-                                               Stage&& stage, Body&& body) {
-  for (int64_t tile = blockIdx.x; tile < mc.tile.total_tiles; tile += gridDim.x) {
-    Tile t;
-    if (!locate_tile(tile, g, mc.tile, t)) continue;  // uniform over the block
-    __syncthreads();  // the previous tile's readers are done
-    stage(static_cast<const Tile&>(t));
-    __syncthreads();
-    body(static_cast<const Tile&>(t));
-  }
-}
-
 // The query tiles: stages each one (grad_out rows too when given) and calls body(WarpTile)
 // for this warp's 16 queries.
 template <typename T, int D, typename Body>
@@ -392,7 +377,7 @@ __device__ __forceinline__ void for_each_mma_tile(const T* key, const T* value, 
   w.sm = mma_smem<M>(smem_raw, mc, w.warp);
   w.queries = w.sm.queries + w.warp * 16 * mc.stride;
   w.grads = w.sm.grads + w.warp * 16 * mc.stride;
-  walk_mma_tiles(g, mc, [&](const Tile& t) {
+  walk_tiles(g, mc.tile, [&](const Tile& t) {
     stage_mma_tile<M, D>(in(key), in(value), in(query), grad_out ? in(grad_out) : nullptr, rpb,
                          w.sm, g, mc, t);
   }, [&](const Tile& t) {
@@ -529,7 +514,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
   const int r = lane >> 1, half = lane & 1;
   const MmaSmem<M> sm = mma_smem<M>(smem_raw, mc, warp);  // keys <- queries, values <- grad_out
   M* w_row = sm.p_w + r * mc.p_ld;
-  walk_mma_tiles(g, mc, [&](const Tile& t) {
+  walk_tiles(g, mc.tile, [&](const Tile& t) {
     stage_mma_halo<M, D>(reinterpret_cast<const M*>(query), reinterpret_cast<const M*>(grad_out),
                          sm.keys, sm.values, g, mc, t);
     zero_weights(sm, mc);

@@ -21,10 +21,7 @@ template <typename T, typename OutT, typename AccT>
 __global__ void __launch_bounds__(kThreads)
     qk_kernel(const T* __restrict__ query, const T* __restrict__ key, const T* __restrict__ rpb,
               OutT* __restrict__ out, const Geometry g, const AccT scale) {
-  const int64_t total = g.queries * g.window;
-  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
-       idx += step) {
+  for_each_thread_index(g.queries * g.window, [&](int64_t idx) {
     const QueryNeighbor qn = query_neighbor(idx, g);
     const T* qp = query + qn.query * g.dim;
     const T* kp = key + qn.key * g.dim;
@@ -38,27 +35,19 @@ __global__ void __launch_bounds__(kThreads)
     AccT acc = (acc0 + acc1) * scale;
     if (rpb != nullptr) acc += static_cast<AccT>(rpb[qn.bias]);
     out[idx] = static_cast<OutT>(acc);
-  }
+  });
 }
 
 template <typename WT, typename VT, typename AccT>
 __global__ void __launch_bounds__(kThreads)
     av_kernel(const WT* __restrict__ weights, const VT* __restrict__ value,
               VT* __restrict__ out, const Geometry g, const AccT alpha) {
-  const int64_t total = g.queries * g.dim;
-  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
-       idx += step) {
-    const int64_t q_index = div_fast(idx, g.dim);
-    const int64_t d = idx - q_index * g.dim;
-    const int64_t row = div_fast(q_index, g.width);
-    const int64_t j = q_index - row * g.width;
-    const int64_t bh = div_fast(row, g.height);
-    const int64_t i = row - bh * g.height;
-    const AxisWindow wr = axis_window(i, g.height, g.kh, g.dh);
-    const AxisWindow wc = axis_window(j, g.width, g.kw, g.dw);
-    const WT* wp = weights + q_index * g.window;
-    const VT* vbase = value + bh * g.height * g.width * g.dim + d;
+  for_each_thread_index(g.queries * g.dim, [&](int64_t idx) {
+    const MapIndex pos = map_index(idx, g.dim, g);  // query pos.pixel, channel pos.inner
+    const AxisWindow wr = axis_window(pos.i, g.height, g.kh, g.dh);
+    const AxisWindow wc = axis_window(pos.j, g.width, g.kw, g.dw);
+    const WT* wp = weights + pos.pixel * g.window;
+    const VT* vbase = value + pos.bh * g.height * g.width * g.dim + pos.inner;
     AccT acc = 0;
     for (int64_t m = 0; m < g.kh; ++m) {
       const VT* vrow = vbase + wr.key(m) * g.width * g.dim;
@@ -68,7 +57,7 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
     out[idx] = static_cast<VT>(acc * alpha);
-  }
+  });
 }
 
 // Column neighbor indices of the queries that see a key are cached per thread when there
@@ -80,21 +69,13 @@ __global__ void __launch_bounds__(kThreads)
     inverse_kernel(const WT* __restrict__ w1, const ST* __restrict__ s1, ST* __restrict__ o1,
                    const AccT a1, const WT* __restrict__ w2, const ST* __restrict__ s2,
                    ST* __restrict__ o2, const AccT a2, const Geometry g) {
-  const int64_t total = g.queries * g.dim;
-  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const bool two = w2 != nullptr;
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
-       idx += step) {
-    const int64_t k_index = div_fast(idx, g.dim);
-    const int64_t d = idx - k_index * g.dim;
-    const int64_t row = div_fast(k_index, g.width);
-    const int64_t kj = k_index - row * g.width;
-    const int64_t bh = div_fast(row, g.height);
-    const int64_t ki = row - bh * g.height;
-    const InverseRange ir = axis_inverse(ki, g.height, g.kh, g.dh);
-    const InverseRange ic = axis_inverse(kj, g.width, g.kw, g.dw);
-    const int64_t key_sub_r = ki / g.dh;
-    const int64_t key_sub_c = kj / g.dw;
+  for_each_thread_index(g.queries * g.dim, [&](int64_t idx) {
+    const MapIndex pos = map_index(idx, g.dim, g);  // key pos.pixel, channel pos.inner
+    const InverseRange ir = axis_inverse(pos.i, g.height, g.kh, g.dh);
+    const InverseRange ic = axis_inverse(pos.j, g.width, g.kw, g.dw);
+    const int64_t key_sub_r = pos.i / g.dh;
+    const int64_t key_sub_c = pos.j / g.dw;
     const int64_t ncols = ic.last - ic.first + 1;
     int col_nb[kInverseCache];
     const int64_t cached = ncols <= kInverseCache ? ncols : 0;
@@ -102,7 +83,7 @@ __global__ void __launch_bounds__(kThreads)
       const AxisWindow wc = axis_window(ic.query(ic.first + c), g.width, g.kw, g.dw);
       col_nb[c] = static_cast<int>(key_sub_c - wc.start);
     }
-    const int64_t map_base = bh * g.height * g.width;
+    const int64_t map_base = pos.bh * g.height * g.width;
     AccT acc1 = 0, acc2 = 0;
     for (int64_t sr = ir.first; sr <= ir.last; ++sr) {
       const int64_t qi = ir.query(sr);
@@ -119,14 +100,14 @@ __global__ void __launch_bounds__(kThreads)
         if (n < 0 || n >= g.kw) continue;
         const int64_t qidx = map_base + qi * g.width + ic.query(ic.first + c);
         const int64_t w_off = qidx * g.window + m * g.kw + n;
-        const int64_t s_off = qidx * g.dim + d;
+        const int64_t s_off = qidx * g.dim + pos.inner;
         acc1 += static_cast<AccT>(w1[w_off]) * static_cast<AccT>(s1[s_off]);
         if (two) acc2 += static_cast<AccT>(w2[w_off]) * static_cast<AccT>(s2[s_off]);
       }
     }
     o1[idx] = static_cast<ST>(acc1 * a1);
     if (two) o2[idx] = static_cast<ST>(acc2 * a2);
-  }
+  });
 }
 
 // Pass 1: block (head, chunk) computes, for every bias bin, the sum over its chunk of
@@ -173,17 +154,14 @@ template <typename AccT, typename OutT>
 __global__ void __launch_bounds__(kThreads)
     rpb_reduce_kernel(const AccT* __restrict__ partial, OutT* __restrict__ out,
                       const int64_t heads, const int64_t chunks, const int64_t bins) {
-  const int64_t total = heads * bins;
-  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
-       idx += step) {
+  for_each_thread_index(heads * bins, [&](int64_t idx) {
     const int64_t h = idx / bins;
     const int64_t bin = idx - h * bins;
     const AccT* p = partial + h * chunks * bins + bin;
     AccT acc = 0;
     for (int64_t c = 0; c < chunks; ++c) acc += p[c * bins];
     out[idx] = static_cast<OutT>(acc);
-  }
+  });
 }
 
 // ------------------------------------------------------------------ launchers

@@ -235,22 +235,31 @@ __device__ __forceinline__ TileQuery tile_query(int group, const Geometry& g,
   return q;
 }
 
-// The block walks its tiles (grid-stride): stage each tile's halo in shared memory, then
-// call body(position, tile) for this thread's query (or key) of the tile.
+// The block walks its tiles (grid-stride): stage(tile) with the whole block, then
+// body(tile); shared memory is restaged only after every thread is done with the last tile.
+template <typename Stage, typename Body>
+__device__ __forceinline__ void walk_tiles(const Geometry& g, const TileConfig& tc,
+                                           Stage&& stage, Body&& body) {
+  for (int64_t tile = blockIdx.x; tile < tc.total_tiles; tile += gridDim.x) {
+    Tile t;
+    if (!locate_tile(tile, g, tc, t)) continue;  // uniform over the block
+    __syncthreads();  // the previous tile's readers are done with shared memory
+    stage(static_cast<const Tile&>(t));
+    __syncthreads();
+    body(static_cast<const Tile&>(t));
+  }
+}
+
+// walk_tiles with each tile's halo staged by load_tile, calling body(position, tile) for
+// this thread's query (or key) of the tile.
 template <typename T, typename Body>
 __device__ __forceinline__ void for_each_tile(const T* __restrict__ key,
                                               const T* __restrict__ value,
                                               const T* __restrict__ rpb, const TileSmem<T>& sm,
                                               const Geometry& g, const TileConfig& tc, int group,
                                               Body&& body) {
-  for (int64_t tile = blockIdx.x; tile < tc.total_tiles; tile += gridDim.x) {
-    Tile t;
-    if (!locate_tile(tile, g, tc, t)) continue;  // uniform over the block
-    __syncthreads();  // the previous tile's readers are done with shared memory
-    load_tile(key, value, rpb, sm, g, tc, t);
-    __syncthreads();
-    body(tile_query(group, g, tc, t), t);
-  }
+  walk_tiles(g, tc, [&](const Tile& t) { load_tile(key, value, rpb, sm, g, tc, t); },
+             [&](const Tile& t) { body(tile_query(group, g, tc, t), t); });
 }
 
 // The queries that see key (sub_h, sub_w) of tile t (on its residue's sub-grid; clamped
