@@ -95,8 +95,10 @@ def test_benchmark_gpu_harness_on_cpu(tmp_path):
         assert ('nat_fused_tensor_cores', 'bf16', mode) in timed
         assert ('nat_fused_tensor_cores', 'fp32', mode) not in timed  # same kernel as nat_fused
     assert data['ratios'] and not data['stopped_early']
-    report = run([GPU_BENCH, '--report', str(out)], timeout=120).stdout
+    png = tmp_path / 'ratios.png'
+    report = run([GPU_BENCH, '--report', str(out), '--plot', str(png)], timeout=120).stdout
     assert '| shape | mode | nat_fused ms |' in report and 'ratio vs tensor cores' in report
+    assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
 def test_benchmark_gpu_method_env_is_restored(monkeypatch):

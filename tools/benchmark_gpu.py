@@ -308,6 +308,39 @@ def markdown_report(summary):
     return '\n'.join(lines)
 
 
+def plot_report(summary, path):
+    """Bar chart of a benchmark JSON: nat_fused time / SDPA window-attention time per shape,
+    forward and forward+backward, one panel per dtype (< 1: nat_fused faster)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    ratios = {(r['task'], r['stage'], r['dtype'], r['mode']): r['nat_fused/sdpa_window']
+              for r in summary['ratios'] if 'nat_fused/sdpa_window' in r}
+    dtypes = [d for d in DTYPES if any(k[2] == d for k in ratios)]
+    if not dtypes:
+        raise ValueError('no nat_fused/sdpa_window ratios in this JSON')
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(4.2 * len(dtypes), 3.8), sharey=True,
+                             squeeze=False)
+    for ax, dname in zip(axes[0], dtypes):
+        shapes = sorted({k[:2] for k in ratios if k[2] == dname})
+        for offset, mode in ((-0.2, 'fwd'), (0.2, 'fwd+bwd')):
+            values = [ratios.get((*shape, dname, mode), float('nan')) for shape in shapes]
+            ax.bar([i + offset for i in range(len(shapes))], values, width=0.4, label=mode)
+        ax.axhline(1.0, color='black', linewidth=0.8)
+        ax.set_xticks(range(len(shapes)))
+        ax.set_xticklabels([f'{task[:3]} s{stage}' for task, stage in shapes], rotation=45)
+        ax.set_title(dname)
+        ax.grid(True, axis='y', alpha=.3)
+    axes[0][0].set_ylabel('nat_fused / SDPA window time')
+    axes[0][0].legend()
+    env = summary['env']
+    fig.suptitle(f"{env['device']}, torch {env['torch']}: NA (k={env['kernel']}) vs Swin "
+                 f"window attention (< 1: NA faster)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 # ---------------------------------------------------------------- main
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
@@ -324,6 +357,8 @@ def main(argv=None):
     parser.add_argument('--device', default='cuda')
     parser.add_argument('--report', metavar='JSON',
                         help='print markdown tables of an earlier run\'s JSON and exit')
+    parser.add_argument('--plot', metavar='PNG',
+                        help='with --report: also draw the ratios to SDPA window attention')
     parser.add_argument('--profile', action='store_true',
                         help='first print the per-kernel device time of nat_fused and '
                              'sdpa_window fwd+bwd at the detection stage-1 shape (bf16)')
@@ -331,8 +366,13 @@ def main(argv=None):
 
     if args.report:
         with open(args.report) as f:
-            print(markdown_report(json.load(f)))
+            summary = json.load(f)
+        print(markdown_report(summary))
+        if args.plot:
+            plot_report(summary, args.plot)
         return 0
+    if args.plot:
+        parser.error('--plot goes with --report (plot a finished run\'s JSON)')
     device = torch.device(args.device)
     if device.type == 'cuda' and not torch.cuda.is_available():
         print('benchmark_gpu: no CUDA device', file=sys.stderr)
