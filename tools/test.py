@@ -17,6 +17,7 @@ import _common  # noqa: F401  (puts the repository on sys.path)
 from _common import (adapt_to_cpu, add_cfg_options, add_launcher_args, add_repo_to_pythonpath,
                      build_runner, config_scope, end_distributed_process, load_config,
                      parse_launcher_args, skip_backbone_init)
+from _data_check import require_datasets
 
 
 def parse_args(argv=None):
@@ -108,6 +109,7 @@ def main(argv=None):
         cfg.test_evaluator['output_dir'] = args.out
         cfg.test_evaluator['keep_results'] = True
     adapt_to_cpu(cfg, args.launcher, logger_print=lambda *a: None)
+    require_datasets(cfg, ['test'], scope)
 
     runner = build_runner(cfg)
 

@@ -16,6 +16,7 @@ import argparse
 import _common  # noqa: F401  (puts the repository on sys.path)
 from _common import (adapt_to_cpu, add_cfg_options, add_launcher_args, add_repo_to_pythonpath,
                      build_runner, end_distributed_process, load_config, parse_launcher_args)
+from _data_check import require_datasets
 
 
 def parse_args(argv=None):
@@ -71,6 +72,9 @@ def main(argv=None):
         cfg.resume = True
         cfg.load_from = args.resume
 
+    # the val loop runs only with all three of its keys, as mmengine's Runner builds it
+    validates = all(cfg.get(k) for k in ('val_dataloader', 'val_cfg', 'val_evaluator'))
+    require_datasets(cfg, ['train', 'val'] if validates else ['train'], scope)
     build_runner(cfg).train()
 
 
