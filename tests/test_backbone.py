@@ -322,6 +322,19 @@ def test_arch_selection_and_overrides():
         NAT(arch=None, embed_dims=32)
 
 
+@pytest.mark.parametrize('layer_scale', ['absent', None, 1e-5])
+def test_arch_dict(layer_scale):
+    arch = dict(embed_dims=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), mlp_ratio=1.0)
+    if layer_scale != 'absent':
+        arch['layer_scale'] = layer_scale
+    model = NAT(arch=arch)
+    assert (model.embed_dims, model.depths, model.num_heads) == (16, (1, 1, 1, 1),
+                                                                 (1, 1, 2, 2))
+    block = model.levels[0].blocks[0]
+    assert block.layer_scale == (None if layer_scale == 'absent' else layer_scale)
+    assert hasattr(block, 'gamma1') == (layer_scale == 1e-5)
+
+
 def test_get_layer_depth():
     model = build(depths=(1, 2, 1, 1))  # 5 blocks -> num_layers 7
     depth = model.get_layer_depth

@@ -173,7 +173,8 @@ def write_ade(out, split, num, size, rng):
 
 
 def _fresh(folder, stamp, force):
-    """True when ``folder`` must be (re)written; clears it then."""
+    """True when ``folder`` must be (re)written; clears it then. ``stamp`` holds JSON types
+    only (lists, not tuples), so that it compares equal to itself read back."""
     stamp_file = osp.join(folder, 'demo_data.json')
     if not force and osp.isfile(stamp_file):
         with open(stamp_file) as f:
@@ -190,7 +191,7 @@ def main(argv=None):
     if args.only in (None, 'det'):
         folder = osp.join(args.out, 'coco')
         stamp = dict(seed=args.seed, train=args.num_train, val=args.num_val,
-                     size=args.img_size, classes=CLASSES, version=1)
+                     size=args.img_size, classes=list(CLASSES), version=1)
         if _fresh(folder, stamp, args.force):
             rng = np.random.default_rng(args.seed)
             n_tr = write_coco(folder, 'train', args.num_train, args.img_size, rng)
@@ -205,7 +206,7 @@ def main(argv=None):
     if args.only in (None, 'seg'):
         folder = osp.join(args.out, 'ade')
         stamp = dict(seed=args.seed, train=args.seg_num_train, val=args.seg_num_val,
-                     size=args.seg_img_size, classes=SEG_CLASSES, version=1)
+                     size=args.seg_img_size, classes=list(SEG_CLASSES), version=1)
         if _fresh(folder, stamp, args.force):
             rng = np.random.default_rng(args.seed + 1)
             write_ade(folder, 'training', args.seg_num_train, args.seg_img_size, rng)

@@ -140,7 +140,7 @@ class NAT(BaseModule):
                                  f'choose one of {sorted(self.arch_zoo)} or pass a dict')
             settings = dict(self.arch_zoo[arch])
         elif isinstance(arch, dict):
-            settings = dict(layer_scale=None, **arch)
+            settings = {'layer_scale': None, **arch}  # layer_scale is optional
         elif arch is None:
             settings = dict(layer_scale=None)
         else:
