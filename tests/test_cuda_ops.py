@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from bad_op_calls import IDS, bad_calls
+from op_samples import assert_double_backward, opcheck_samples
 from nat_mm.ops import backend_info, na2d, na2d_av, na2d_qk
 from nat_mm.ops.library import op
 from nat_mm.ops.reference import (na2d_av_reference, na2d_qk_reference, na2d_reference)
@@ -264,6 +265,9 @@ def test_gradcheck_fp64(case, path):
     q, k, v, rpb = (_cuda(t, torch.float64, True) for t in (q, k, v, rpb))
     assert torch.autograd.gradcheck(lambda *t: na2d(*t[:3], ks, dil, rpb=t[3]), (q, k, v, rpb))
     assert torch.autograd.gradcheck(lambda a, b, c: na2d_qk(a, b, ks, dil, rpb=c), (q, k, rpb))
+    weights = torch.randn(*q.shape[:4], ks[0] * ks[1], dtype=torch.float64, device='cuda',
+                          requires_grad=True)
+    assert_double_backward(q, k, v, rpb, weights, list(ks), list(dil))
 
 
 def test_opcheck_every_op_cuda():
@@ -271,17 +275,7 @@ def test_opcheck_every_op_cuda():
     ks, dil = list(case[5]), list(case[6])
     q, k, v, rpb, g = (_cuda(t, torch.float32, True) for t in _base(case, True))
     weights = torch.randn(*q.shape[:4], ks[0] * ks[1], device='cuda', requires_grad=True)
-    out, lse = op('na2d_fused')(q, k, v, rpb, ks, dil, 0.5)
-    plain = [t.detach() for t in (q, k, v, rpb, out, lse)]
-    samples = {
-        'na2d_qk': (q, k, rpb, ks, dil),
-        'na2d_av': (weights, v, ks, dil),
-        'na2d_inverse': (weights.detach(), q.detach(), ks, dil),
-        'na2d_rpb_grad': (weights.detach(), ks, dil),
-        'na2d_fused': (q, k, v, rpb, ks, dil, 0.5),
-        'na2d_fused_backward': (g.detach(), *plain, ks, dil, 0.5),
-    }
-    for name, args in samples.items():
+    for name, args in opcheck_samples(q, k, v, rpb, weights, g, ks, dil).items():
         torch.library.opcheck(op(name), args)
 
 

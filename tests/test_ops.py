@@ -9,6 +9,7 @@ from nat_mm.ops import (backend_info, na2d, na2d_av, na2d_av_reference, na2d_qk,
                         na2d_qk_reference, na2d_reference)
 from nat_mm.ops import fallback
 from nat_mm.ops.library import kernel_layout, op
+from op_samples import assert_double_backward, opcheck_samples
 
 # (batch, heads, H, W, head_dim, kernel_size, dilation)
 CASES = [
@@ -140,6 +141,37 @@ def test_gradcheck_fp64(case):
     assert check(lambda a, b: na2d_av(a, b, ks, dil), (weights, v))
 
 
+@pytest.mark.parametrize('case', GRADCHECK_CASES, ids=_ids)
+def test_gradgradcheck_fp64(case):
+    """Double backward of every op: their backwards are differentiable again (the fused
+    op's through the unfused ops)."""
+    q, k, v, rpb = make_inputs(case, torch.float64)
+    ks, dil = list(case[5]), list(case[6])
+    weights = torch.randn(*q.shape[:4], ks[0] * ks[1], dtype=torch.float64,
+                          requires_grad=True)
+    assert_double_backward(q, k, v, rpb, weights, ks, dil)
+
+
+@pytest.mark.parametrize('dtype, tol', [(torch.float32, 1e-4), (torch.float64, 1e-10)])
+def test_hessian_vector_product_matches_reference(dtype, tol):
+    """A gradient penalty's gradient (d/dx of |dL/dq|^2) equals the reference's."""
+    case = CASES[2]
+    q, k, v, rpb = make_inputs(case, dtype)
+    ks, dil = case[5], case[6]
+    g_out = torch.randn(*q.shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
+
+    def penalty_grads(out, inputs, grad_out):
+        grad_q, = torch.autograd.grad(out, inputs[0], grad_out, create_graph=True)
+        return torch.autograd.grad(grad_q.square().sum(), inputs)
+
+    got = penalty_grads(na2d(q, k, v, ks, dil, rpb=rpb), (q, k, v, rpb), g_out)
+    copies, ref = reference_fp64(lambda *t: na2d_reference(*t[:3], ks, dil, rpb=t[3]),
+                                 q, k, v, rpb)
+    want = penalty_grads(ref, copies, g_out.double())
+    assert all(w.abs().max() > 0 for w in want)
+    assert_close_all(got, want, tol, tol)
+
+
 @pytest.mark.parametrize('case', [CASES[2], CASES[5]], ids=_ids)
 def test_fused_equals_unfused(case):
     q, k, v, rpb = make_inputs(case, torch.float32)
@@ -230,16 +262,7 @@ def test_opcheck_every_op():
     ks, dil = list(case[5]), list(case[6])
     q, k, v, rpb = make_inputs(case, torch.float32)
     weights = torch.randn(*q.shape[:4], ks[0] * ks[1], requires_grad=True)
-    out, lse = op('na2d_fused')(q, k, v, rpb, ks, dil, 0.5)
-    plain = [t.detach() for t in (q, k, v, rpb, out, lse)]
-    samples = {
-        'na2d_qk': (q, k, rpb, ks, dil),
-        'na2d_av': (weights, v, ks, dil),
-        'na2d_inverse': (weights.detach(), q.detach(), ks, dil),
-        'na2d_rpb_grad': (weights.detach(), ks, dil),
-        'na2d_fused': (q, k, v, rpb, ks, dil, 0.5),
-        'na2d_fused_backward': (torch.randn_like(out), *plain, ks, dil, 0.5),
-    }
+    samples = opcheck_samples(q, k, v, rpb, weights, torch.randn_like(v), ks, dil)
     for name, args in samples.items():
         torch.library.opcheck(op(name), args)
 
@@ -258,6 +281,33 @@ def test_compile_fullgraph_forward_and_backward():
     loss = compiled(q, k, v, rpb)
     torch.testing.assert_close(loss, eager_loss)
     assert_close_all(torch.autograd.grad(loss, (q, k, v, rpb)), eager_grads, 1e-5, 1e-5)
+
+
+def test_compiled_backward_runs_the_fused_backward_kernel():
+    """A compiled training step keeps the fused backward kernel (the differentiable
+    composite is only for create_graph=True backwards)."""
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from functorch.compile import make_boxed_func
+
+    ops_in = {}
+
+    def backend(gm, example_inputs):
+        def compiler(kind):
+            def compile_graph(graph, _):
+                ops_in[kind] = {str(n.target) for n in graph.graph.nodes
+                                if str(n.target).startswith('nat_mm.')}
+                return make_boxed_func(graph.forward)
+            return compile_graph
+        return aot_module_simplified(gm, example_inputs, fw_compiler=compiler('fw'),
+                                     bw_compiler=compiler('bw'))
+
+    case = CASES[1]
+    q, k, v, rpb = make_inputs(case, torch.float32)
+    step = torch.compile(lambda *t: na2d(*t[:3], case[5], case[6], rpb=t[3]).square().sum(),
+                         backend=backend, fullgraph=True)
+    step(q, k, v, rpb).backward()
+    assert ops_in == {'fw': {'nat_mm.na2d_fused.default'},
+                      'bw': {'nat_mm.na2d_fused_backward.default'}}
 
 
 def test_backend_info_reports_cpu_kernels():

@@ -150,15 +150,79 @@ def _fused_setup(ctx, inputs, output):
 def _fused_backward(ctx, grad_out, grad_lse):
     query, key, value, rpb, out, lse = ctx.saved_tensors
     kernel_size, dilation, scale = ctx.window
-    grads = op('na2d_fused_backward')(kernel_layout(grad_out), query, key, value, rpb, out,
-                                      lse, kernel_size, dilation, scale)
+    grad_out = kernel_layout(grad_out)
+    if torch.is_grad_enabled():
+        # backward(create_graph=True): the fused backward kernel has no derivative of its
+        # own, so the gradients are built from the differentiable unfused ops instead
+        grads = _fused_grads_differentiable(grad_out, query, key, value, rpb, kernel_size,
+                                            dilation, scale)
+    else:
+        grads = op('na2d_fused_backward')(grad_out, query, key, value, rpb, out, lse,
+                                          kernel_size, dilation, scale)
     grad_q, grad_k, grad_v, grad_rpb = grads
     if rpb is None:
         grad_rpb = None
     return grad_q, grad_k, grad_v, grad_rpb, None, None, None
 
 
+def _fused_grads_differentiable(grad_out, query, key, value, rpb, kernel_size, dilation,
+                                scale):
+    """The fused op's (grad_query, grad_key, grad_value, grad_rpb) from na2d_qk, na2d_av,
+    na2d_inverse and na2d_rpb_grad, whose autograd formulas make the result
+    differentiable again (double backward: gradient penalties, Hessian-vector products).
+    The attention map is materialized; the softmax runs in float32 or float64."""
+    logits = op('na2d_qk')(query * scale, key, rpb, kernel_size, dilation)
+    p = logits.to(lse_dtype(logits.dtype)).softmax(-1).to(logits.dtype)
+    dp = op('na2d_qk')(grad_out, value, None, kernel_size, dilation)
+    ds = p * (dp - (p * dp).sum(-1, keepdim=True))
+    return (op('na2d_av')(ds, key, kernel_size, dilation) * scale,
+            op('na2d_inverse')(ds, query, kernel_size, dilation) * scale,
+            op('na2d_inverse')(p, grad_out, kernel_size, dilation),
+            op('na2d_rpb_grad')(ds, kernel_size, dilation) if rpb is not None else None)
+
+
+# na2d_inverse and na2d_rpb_grad serve the backward of the ops above; their own formulas
+# make those backwards differentiable (create_graph=True), to any order.
+def _inverse_setup(ctx, inputs, output):
+    weights, source, kernel_size, dilation = inputs
+    ctx.save_for_backward(weights, source)
+    ctx.window = (kernel_size, dilation)
+
+
+def _inverse_backward(ctx, grad):
+    # inverse(w, s)[key] = sum of w[q, n] * s[q] over the (query, neighbor) pairs on key
+    weights, source = ctx.saved_tensors
+    kernel_size, dilation = ctx.window
+    grad = kernel_layout(grad)
+    need_weights, need_source = ctx.needs_input_grad[:2]
+    grad_weights = (op('na2d_qk')(source, grad, None, kernel_size, dilation)
+                    if need_weights else None)
+    grad_source = (op('na2d_av')(weights, grad, kernel_size, dilation)
+                   if need_source else None)
+    return grad_weights, grad_source, None, None
+
+
+def _rpb_grad_setup(ctx, inputs, output):
+    grad_attn, kernel_size, dilation = inputs
+    ctx.attn = (grad_attn.shape, grad_attn.dtype)
+    ctx.window = (kernel_size, dilation)
+
+
+def _rpb_grad_backward(ctx, grad_bias):
+    # the transpose of summing into bias bins is gathering from them: na2d_qk's bias term
+    # (queries and keys of zeros, one channel)
+    (batch, heads, height, width, _), dtype = ctx.attn
+    kernel_size, dilation = ctx.window
+    bias = grad_bias.to(dtype).contiguous()
+    zeros = bias.new_zeros((batch, heads, height, width, 1))
+    return op('na2d_qk')(zeros, zeros, bias, kernel_size, dilation), None, None
+
+
 torch.library.register_autograd(qualified('na2d_qk'), _qk_backward, setup_context=_qk_setup)
 torch.library.register_autograd(qualified('na2d_av'), _av_backward, setup_context=_av_setup)
 torch.library.register_autograd(qualified('na2d_fused'), _fused_backward,
                                 setup_context=_fused_setup)
+torch.library.register_autograd(qualified('na2d_inverse'), _inverse_backward,
+                                setup_context=_inverse_setup)
+torch.library.register_autograd(qualified('na2d_rpb_grad'), _rpb_grad_backward,
+                                setup_context=_rpb_grad_setup)

@@ -1,0 +1,43 @@
+"""Calls of every ``nat_mm`` op, shared by the CPU tests (test_ops.py) and the CUDA tests
+(test_cuda_ops.py): opcheck's samples and the double-backward checks."""
+import warnings
+
+import torch
+
+from nat_mm.ops import na2d, na2d_av, na2d_qk
+from nat_mm.ops.library import op
+
+
+def _leaf(t):
+    return t.detach().clone().requires_grad_()
+
+
+def opcheck_samples(q, k, v, rpb, weights, grad_out, ks, dil):
+    """{op name: its arguments}; inputs that autograd could differentiate require grad,
+    so opcheck also checks each op's autograd registration."""
+    out, lse = op('na2d_fused')(q, k, v, rpb, ks, dil, 0.5)
+    plain = [t.detach() for t in (q, k, v, rpb, out, lse)]
+    return {
+        'na2d_qk': (q, k, rpb, ks, dil),
+        'na2d_av': (weights, v, ks, dil),
+        'na2d_inverse': (_leaf(weights), _leaf(q), ks, dil),
+        'na2d_rpb_grad': (_leaf(weights), ks, dil),
+        'na2d_fused': (q, k, v, rpb, ks, dil, 0.5),
+        'na2d_fused_backward': (grad_out.detach(), *plain, ks, dil, 0.5),
+    }
+
+
+def assert_double_backward(q, k, v, rpb, weights, ks, dil):
+    """gradgradcheck (create_graph=True backwards differentiated again) of every op, on
+    float64 inputs that require grad; an op without an autograd kernel fails it."""
+    checks = {
+        'na2d': (lambda *t: na2d(*t[:3], ks, dil, rpb=t[3]), (q, k, v, rpb)),
+        'na2d_qk': (lambda a, b, c: na2d_qk(a, b, ks, dil, rpb=c), (q, k, rpb)),
+        'na2d_av': (lambda a, b: na2d_av(a, b, ks, dil), (weights, v)),
+        'na2d_inverse': (lambda a, b: op('na2d_inverse')(a, b, ks, dil), (weights, v)),
+        'na2d_rpb_grad': (lambda a: op('na2d_rpb_grad')(a, ks, dil), (weights, )),
+    }
+    with warnings.catch_warnings():
+        warnings.filterwarnings('error', message='.*autograd kernel was not registered')
+        for name, (fn, inputs) in checks.items():
+            assert torch.autograd.gradgradcheck(fn, inputs, fast_mode=True), name
