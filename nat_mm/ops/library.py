@@ -105,39 +105,36 @@ def _fused_backward_fake(grad_out, query, key, value, rpb, out, lse, kernel_size
 
 
 # ---------------------------------------------------------------- autograd
-def _qk_setup(ctx, inputs, output):
-    query, key, rpb, kernel_size, dilation = inputs
-    ctx.save_for_backward(query, key)
-    ctx.window = (kernel_size, dilation)
+def _save_operands(ctx, inputs, output):
+    """na2d_qk, na2d_av, na2d_inverse: (first, second, [rpb,] kernel_size, dilation); each
+    gradient needs the two tensor operands and the window."""
+    ctx.save_for_backward(inputs[0], inputs[1])
+    ctx.window = tuple(inputs[-2:])
+
+
+def _operand_grads(ctx, grad, grad_first, grad_second):
+    """The gradients of the two operands saved by _save_operands, each only if needed:
+    grad_first / grad_second(grad, first, second, kernel_size, dilation)."""
+    first, second = ctx.saved_tensors
+    need_first, need_second = ctx.needs_input_grad[:2]
+    return (grad_first(grad, first, second, *ctx.window) if need_first else None,
+            grad_second(grad, first, second, *ctx.window) if need_second else None)
 
 
 def _qk_backward(ctx, grad_attn):
-    query, key = ctx.saved_tensors
-    kernel_size, dilation = ctx.window
     grad_attn = grad_attn.contiguous()
-    need_q, need_k, need_rpb = ctx.needs_input_grad[:3]
-    grad_q = op('na2d_av')(grad_attn, key, kernel_size, dilation) if need_q else None
-    grad_k = op('na2d_inverse')(grad_attn, query, kernel_size, dilation) if need_k else None
-    grad_rpb = op('na2d_rpb_grad')(grad_attn, kernel_size, dilation) if need_rpb else None
+    grad_q, grad_k = _operand_grads(
+        ctx, grad_attn, lambda g, query, key, *w: op('na2d_av')(g, key, *w),
+        lambda g, query, key, *w: op('na2d_inverse')(g, query, *w))
+    grad_rpb = op('na2d_rpb_grad')(grad_attn, *ctx.window) if ctx.needs_input_grad[2] else None
     return grad_q, grad_k, grad_rpb, None, None
 
 
-def _av_setup(ctx, inputs, output):
-    attn, value, kernel_size, dilation = inputs
-    ctx.save_for_backward(attn, value)
-    ctx.window = (kernel_size, dilation)
-
-
 def _av_backward(ctx, grad_out):
-    attn, value = ctx.saved_tensors
-    kernel_size, dilation = ctx.window
-    grad_out = kernel_layout(grad_out)
-    need_attn, need_value = ctx.needs_input_grad[:2]
-    grad_attn = (op('na2d_qk')(grad_out, value, None, kernel_size, dilation)
-                 if need_attn else None)
-    grad_value = (op('na2d_inverse')(attn, grad_out, kernel_size, dilation)
-                  if need_value else None)
-    return grad_attn, grad_value, None, None
+    return _operand_grads(
+        ctx, kernel_layout(grad_out),
+        lambda g, attn, value, *w: op('na2d_qk')(g, value, None, *w),
+        lambda g, attn, value, *w: op('na2d_inverse')(attn, g, *w)) + (None, None)
 
 
 def _fused_setup(ctx, inputs, output):
@@ -183,23 +180,12 @@ def _fused_grads_differentiable(grad_out, query, key, value, rpb, kernel_size, d
 
 # na2d_inverse and na2d_rpb_grad serve the backward of the ops above; their own formulas
 # make those backwards differentiable (create_graph=True), to any order.
-def _inverse_setup(ctx, inputs, output):
-    weights, source, kernel_size, dilation = inputs
-    ctx.save_for_backward(weights, source)
-    ctx.window = (kernel_size, dilation)
-
-
 def _inverse_backward(ctx, grad):
     # inverse(w, s)[key] = sum of w[q, n] * s[q] over the (query, neighbor) pairs on key
-    weights, source = ctx.saved_tensors
-    kernel_size, dilation = ctx.window
-    grad = kernel_layout(grad)
-    need_weights, need_source = ctx.needs_input_grad[:2]
-    grad_weights = (op('na2d_qk')(source, grad, None, kernel_size, dilation)
-                    if need_weights else None)
-    grad_source = (op('na2d_av')(weights, grad, kernel_size, dilation)
-                   if need_source else None)
-    return grad_weights, grad_source, None, None
+    return _operand_grads(
+        ctx, kernel_layout(grad),
+        lambda g, weights, source, *w: op('na2d_qk')(source, g, None, *w),
+        lambda g, weights, source, *w: op('na2d_av')(weights, g, *w)) + (None, None)
 
 
 def _rpb_grad_setup(ctx, inputs, output):
@@ -218,11 +204,11 @@ def _rpb_grad_backward(ctx, grad_bias):
     return op('na2d_qk')(zeros, zeros, bias, kernel_size, dilation), None, None
 
 
-torch.library.register_autograd(qualified('na2d_qk'), _qk_backward, setup_context=_qk_setup)
-torch.library.register_autograd(qualified('na2d_av'), _av_backward, setup_context=_av_setup)
+torch.library.register_autograd(qualified('na2d_qk'), _qk_backward, setup_context=_save_operands)
+torch.library.register_autograd(qualified('na2d_av'), _av_backward, setup_context=_save_operands)
 torch.library.register_autograd(qualified('na2d_fused'), _fused_backward,
                                 setup_context=_fused_setup)
 torch.library.register_autograd(qualified('na2d_inverse'), _inverse_backward,
-                                setup_context=_inverse_setup)
+                                setup_context=_save_operands)
 torch.library.register_autograd(qualified('na2d_rpb_grad'), _rpb_grad_backward,
                                 setup_context=_rpb_grad_setup)
