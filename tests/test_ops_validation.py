@@ -94,10 +94,14 @@ def test_attn_checks():
         na2d_av(torch.randn(1, 2, 10, 11, 9), v, 3)
 
 
-def test_scale_type():
+def test_scale_type_and_value():
     q, k, v = qkv()
     with pytest.raises(TypeError, match='scale'):
         na2d(q, k, v, 3, scale='0.1')
+    for bad in (float('nan'), float('inf'), -float('inf')):
+        with pytest.raises(ValueError, match='scale must be finite'):
+            na2d(q, k, v, 3, scale=bad)
+    assert torch.isfinite(na2d(q, k, v, 3, scale=0.0)).all()
 
 
 @pytest.mark.parametrize('index', range(len(IDS)), ids=IDS)

@@ -3,6 +3,7 @@
 Every message names the argument and says how to fix it. Wrong types raise TypeError,
 wrong values and shapes ValueError.
 """
+import math
 import numbers
 from typing import Optional, Sequence, Tuple, Union
 
@@ -136,4 +137,7 @@ def check_na2d(query, key, value, kernel_size, dilation, rpb, scale):
         scale = query.shape[-1] ** -0.5
     elif not isinstance(scale, numbers.Real) or isinstance(scale, bool):
         raise TypeError(f'scale must be a float or None, got {type(scale).__name__}')
+    elif not math.isfinite(scale):
+        raise ValueError(f'scale must be finite, got {scale}: pass e.g. head_dim ** -0.5 '
+                         '(or None for that default)')
     return kernel_size, dilation, float(scale)
