@@ -137,7 +137,9 @@ def check_na2d(query, key, value, kernel_size, dilation, rpb, scale):
         scale = query.shape[-1] ** -0.5
     elif not isinstance(scale, numbers.Real) or isinstance(scale, bool):
         raise TypeError(f'scale must be a float or None, got {type(scale).__name__}')
-    elif not math.isfinite(scale):
+    elif not torch.compiler.is_compiling() and not math.isfinite(scale):
+        # (eager only: under torch.compile(dynamic=True) scale is traced as a symbolic
+        # float, and a guard on its finiteness broke inductor's shape reasoning)
         raise ValueError(f'scale must be finite, got {scale}: pass e.g. head_dim ** -0.5 '
                          '(or None for that default)')
     return kernel_size, dilation, float(scale)
