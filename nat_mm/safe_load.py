@@ -219,10 +219,12 @@ class RNGStateHook(_Hook):
     uninterrupted run. With this hook it does not.
 
     When: the state is captured as the checkpoint is written (after the iteration or
-    epoch it follows) and restored right before the next training step would have run in
-    the uninterrupted run -- ``before_train_epoch`` for epoch-based loops, the first
-    ``before_train_iter`` for iteration-based ones (whose resume first fast-forwards the
-    dataloader). Data augmentation in dataloader *workers* is seeded per worker by
+    epoch it follows) and restored right before the next training step -- in the resumed
+    run, and in the uninterrupted one too, so that what runs in between there (the
+    validation the recipes start right after saving: its dataloader draws a seed from the
+    global RNG) does not reach training either. "Right before" is ``before_train_epoch``
+    for epoch-based loops, the first ``before_train_iter`` for iteration-based ones (whose
+    resume first fast-forwards the dataloader). Data augmentation in dataloader *workers* is seeded per worker by
     mmengine and replays on resume; with ``num_workers=0`` the augmentation of the
     fast-forwarded batches draws from the main RNG before it is restored, so the first
     resumed batch can be augmented differently.
@@ -233,7 +235,7 @@ class RNGStateHook(_Hook):
         self._pending = None
 
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
-        checkpoint[RNG_STATE_KEY] = get_rng_state()
+        checkpoint[RNG_STATE_KEY] = self._pending = get_rng_state()
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         self._pending = checkpoint.get(RNG_STATE_KEY)

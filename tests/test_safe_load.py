@@ -24,6 +24,7 @@ import nat_mm  # noqa: F401  (installs the checkpoint allow-list)
 from nat_mm import safe_load
 
 mmengine = pytest.importorskip('mmengine')
+from mmengine.evaluator import BaseMetric, Evaluator  # noqa: E402
 from mmengine.hooks import Hook  # noqa: E402
 from mmengine.model import BaseModel  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
@@ -70,6 +71,16 @@ class RecordLosses(Hook):
         self.losses.append((runner.iter, float(outputs['loss'].detach()) if torch.is_tensor(outputs['loss']) else float(outputs['loss'])))
 
 
+class CountPredictions(BaseMetric):
+    """A metric for a validation loop whose only effect on training is its RNG use."""
+
+    def process(self, data_batch, data_samples):
+        self.results.append(len(data_samples))
+
+    def compute_metrics(self, results):
+        return dict(predictions=sum(results))
+
+
 @pytest.fixture
 def restore_determinism():
     """Runner(randomness=dict(deterministic=True)) flips process-wide switches."""
@@ -80,7 +91,9 @@ def restore_determinism():
 
 def make_runner(work_dir, model, dataset, *, max_iters, resume_from=None,
                 checkpoint_interval=N_ITERS // 2, batch_size=4, optimizer=None,
-                param_scheduler='default', rng_hook=True):
+                param_scheduler='default', rng_hook=True, val_interval=None):
+    """val_interval: also validate every that many iterations (the val dataloader draws
+    its seed from the global RNG, between the checkpoint and the next training step)."""
     recorder = RecordLosses()
     hooks = [recorder] + ([safe_load.RNGStateHook()] if rng_hook else [])
     if param_scheduler == 'default':
@@ -94,7 +107,13 @@ def make_runner(work_dir, model, dataset, *, max_iters, resume_from=None,
         train_dataloader=dict(dataset=dataset, batch_size=batch_size, num_workers=0,
                               sampler=dict(type='DefaultSampler', shuffle=True),
                               collate_fn=dict(type='default_collate')),
-        train_cfg=dict(by_epoch=False, max_iters=max_iters, val_interval=10 ** 6),
+        train_cfg=dict(by_epoch=False, max_iters=max_iters,
+                       val_interval=val_interval or 10 ** 6),
+        **(dict(val_dataloader=dict(dataset=dataset, batch_size=batch_size, num_workers=0,
+                                    sampler=dict(type='DefaultSampler', shuffle=False),
+                                    collate_fn=dict(type='default_collate')),
+                val_cfg=dict(), val_evaluator=Evaluator([CountPredictions()]))
+           if val_interval else {}),
         optim_wrapper=dict(optimizer=optimizer or dict(
             type='AdamW', lr=1e-2, weight_decay=0.05)),
         param_scheduler=param_scheduler,
@@ -285,6 +304,12 @@ def test_resume_without_rng_hook_is_not_bitwise(tmp_path, restore_determinism):
     resume point differ, so the resumed losses do not match (the hook is needed)."""
     with pytest.raises(AssertionError, match='loss'):
         assert_resume_bitwise(tmp_path, ToyModel, ToyDataset(), rng_hook=False)
+
+
+def test_resume_bitwise_with_validation_after_the_checkpoint(tmp_path, restore_determinism):
+    """The recipes validate right after saving: what validation draws from the RNG must not
+    reach the uninterrupted run's next steps either."""
+    assert_resume_bitwise(tmp_path, ToyModel, ToyDataset(), val_interval=N_ITERS // 2)
 
 
 def test_resume_bitwise_sgd_momentum(tmp_path, restore_determinism):
