@@ -194,11 +194,30 @@ def load_backbone_state_dict(model: nn.Module, state_dict: StateDict,
 
 
 def load_pretrained(model: nn.Module, filename: str, strict: bool = True,
-                    logger: Optional[str] = 'current') -> LoadReport:
-    """Read ``filename`` (upstream or mm checkpoint) and load it into ``model``."""
+                    logger: Optional[str] = 'current',
+                    prefix: Optional[str] = None) -> LoadReport:
+    """Read ``filename`` (upstream or mm checkpoint) and load it into ``model``; with
+    ``prefix`` (as in mmengine's Pretrained init), only the keys under it, prefix
+    removed."""
     state_dict = extract_state_dict(read_checkpoint(filename))
+    if prefix:
+        state_dict = select_prefix(state_dict, prefix, filename)
     return load_backbone_state_dict(model, state_dict, strict, source=filename,
                                     logger=logger)
+
+
+def select_prefix(state_dict: StateDict, prefix: str, source: str) -> StateDict:
+    """The tensors whose keys (after a 'module.' wrapper) start with ``prefix``, without it."""
+    selected = {}
+    for key, value in state_dict.items():
+        for wrapper in WRAPPER_PREFIXES:
+            key = key[len(wrapper):] if key.startswith(wrapper) else key
+        if key.startswith(prefix):
+            selected[key[len(prefix):]] = value
+    if not selected:
+        raise CheckpointLoadError(f'no key of {source} starts with prefix {prefix!r} '
+                                  f'(its keys begin: {_short(sorted(state_dict), 4)})')
+    return selected
 
 
 # ---------------------------------------------------------------- conversion

@@ -89,6 +89,30 @@ def test_mm_detection_checkpoint(tmp_path, log_file, wrapper):
     assert 'neck.lateral_convs.0.conv.weight' in log and 'Missing keys' not in log
 
 
+def test_init_cfg_as_a_list(tmp_path):
+    """mm configs often give init_cfg as a list: its Pretrained entry goes through nat_mm's
+    loader too (mmengine's would load nothing from an upstream file without an error)."""
+    upstream = tiny_upstream_state_dict()
+    path = save(tmp_path, {'model': upstream})
+    model = NAT(**TINY_KWARGS, init_cfg=[pretrained(path)])
+    model.init_weights()
+    assert_loaded(model, upstream)
+    with pytest.raises(ValueError, match='Pretrained entry must stand alone'):
+        NAT(**TINY_KWARGS, init_cfg=[pretrained(path),
+                                     dict(type='Constant', layer='Linear', val=0)]).init_weights()
+
+
+def test_pretrained_prefix(tmp_path):
+    """init_cfg's prefix (mmengine's Pretrained option) selects and strips keys."""
+    upstream = tiny_upstream_state_dict()
+    path = save(tmp_path, {'state_dict': {f'module.encoder.{k}': v for k, v in upstream.items()}})
+    model = NAT(**TINY_KWARGS, init_cfg=pretrained(path, prefix='encoder.'))
+    model.init_weights()
+    assert_loaded(model, upstream)
+    with pytest.raises(CheckpointLoadError, match="prefix 'decoder.'.*module.encoder"):
+        load_pretrained(NAT(**TINY_KWARGS), path, prefix='decoder.', logger='silent')
+
+
 def test_shape_mismatch_raises_unless_not_strict(tmp_path, log_file):
     upstream = tiny_upstream_state_dict()
     upstream['levels.1.blocks.0.mlp.fc1.weight'] = torch.zeros(5, 64)

@@ -197,16 +197,32 @@ class NAT(BaseModule):
 
     # ------------------------------------------------------------------ weights
     def init_weights(self) -> None:
-        cfg = self.init_cfg
-        if cfg is None:
+        cfg = self._pretrained_cfg(self.init_cfg)
+        if self.init_cfg is None:
             self._init_from_scratch()
-        elif isinstance(cfg, dict) and cfg.get('type') == 'Pretrained':
+        elif cfg is not None:
             from nat_mm.checkpoint import load_pretrained
             self._init_from_scratch()  # for whatever the checkpoint does not hold
-            load_pretrained(self, cfg['checkpoint'], strict=cfg.get('strict', True))
+            load_pretrained(self, cfg['checkpoint'], strict=cfg.get('strict', True),
+                            prefix=cfg.get('prefix'))
         else:  # any other mmengine initializer config
             super().init_weights()
         self._is_init = True
+
+    @staticmethod
+    def _pretrained_cfg(init_cfg) -> Optional[dict]:
+        """The Pretrained entry of init_cfg (a dict, or a list holding it alone), which
+        nat_mm's loader serves: mmengine's would not find upstream checkpoints' weights
+        (under 'model') nor strip 'backbone.', and would load nothing without an error."""
+        entries = init_cfg if isinstance(init_cfg, (list, tuple)) else [init_cfg]
+        pretrained = [c for c in entries if isinstance(c, dict) and c.get('type') == 'Pretrained']
+        if not pretrained:
+            return None
+        if len(entries) > 1:
+            raise ValueError(f'init_cfg {init_cfg}: a Pretrained entry must stand alone '
+                             '(the checkpoint sets every weight; the rest start from the '
+                             "backbone's own init): pass dict(type='Pretrained', ...)")
+        return pretrained[0]
 
     def _init_from_scratch(self) -> None:
         for module in self.modules():
