@@ -112,6 +112,25 @@ def test_out_indices_subset():
     assert not hasattr(model, 'norm0') and hasattr(model, 'norm3')
     with pytest.raises(ValueError):
         build(out_indices=(4, ))
+    assert build(out_indices=(0, -1)).out_indices == (0, 3)
+    assert build(out_indices=-2).out_indices == (2, )
+
+
+@pytest.mark.parametrize('kwargs, error, match', [
+    (dict(out_indices=(3, 0)), ValueError, 'increasing order'),
+    (dict(out_indices=(1, 1)), ValueError, 'distinct levels'),
+    (dict(out_indices=(0, -4)), ValueError, 'distinct levels'),
+    (dict(out_indices=()), ValueError, 'distinct levels'),
+    (dict(out_indices=1.0), TypeError, 'out_indices must be an int or a sequence'),
+    (dict(kernel_size=4), ValueError, 'kernel_size must be an odd int >= 3'),
+    (dict(kernel_size=7.0), ValueError, 'kernel_size must be an odd int >= 3'),
+    (dict(kernel_size=[7, 7, 7, 7]), ValueError, 'one square window for every level'),
+    (dict(dilations=2), TypeError, 'dilations must be None, a preset name or per-level'),
+    (dict(dilations=[1, 1, 1, 1]), TypeError, 'per-level lists'),
+], ids=lambda x: str(x) if not isinstance(x, type) else '')
+def test_bad_constructor_arguments_name_themselves(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        build(**kwargs)
 
 
 def test_outputs_are_normed_pre_downsample_levels():

@@ -93,6 +93,10 @@ class NAT(BaseModule):
                              f'have one entry per level')
         self.num_levels = len(self.depths)
         self.num_features = [self.embed_dims * 2**i for i in range(self.num_levels)]
+        if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) \
+                or kernel_size < 3 or kernel_size % 2 == 0:
+            raise ValueError(f'kernel_size must be an odd int >= 3 (one square window for '
+                             f'every level, as in NAT and DiNAT), got {kernel_size!r}')
         self.kernel_size = kernel_size
         self.dilations = resolve_dilations(dilations, self.depths)
         self.out_indices = self._check_out_indices(out_indices)
@@ -155,10 +159,20 @@ class NAT(BaseModule):
     def _check_out_indices(self, out_indices: Sequence[int]) -> Tuple[int, ...]:
         if isinstance(out_indices, int):
             out_indices = (out_indices, )
+        if not isinstance(out_indices, (list, tuple)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) for i in out_indices):
+            raise TypeError(f'out_indices must be an int or a sequence of ints, got '
+                            f'{out_indices!r}')
         if any(not -self.num_levels <= i < self.num_levels for i in out_indices):
             raise ValueError(f'out_indices {out_indices} out of range for '
                              f'{self.num_levels} levels')
-        return tuple(i % self.num_levels for i in out_indices)
+        levels = tuple(i % self.num_levels for i in out_indices)
+        # the outputs come in level order, one per level: say so rather than reorder
+        if not levels or any(a >= b for a, b in zip(levels, levels[1:])):
+            raise ValueError(f'out_indices {tuple(out_indices)} must name distinct levels '
+                             f'in increasing order (outputs come in level order), e.g. '
+                             f'{tuple(sorted(set(levels))) or (0, 1, 2, 3)}')
+        return levels
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:

@@ -47,6 +47,10 @@ def resolve_dilations(dilations: Dilations, depths: Sequence[int]) -> List[List[
                              f'{[len(level) for level in preset]} blocks per level, '
                              f'fewer than depths {list(depths)}: pass explicit lists')
         return [list(level[:depth]) for depth, level in zip(depths, preset)]
+    if not isinstance(dilations, (list, tuple)) or not all(
+            isinstance(level, (list, tuple)) for level in dilations):
+        raise TypeError(f'dilations must be None, a preset name or per-level lists of '
+                        f'per-block ints (lengths {list(depths)}), got {dilations!r}')
     dilations = [list(level) for level in dilations]
     if [len(level) for level in dilations] != list(depths):
         raise ValueError(f'dilations must give one value per block, i.e. lists of lengths '
