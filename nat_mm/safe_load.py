@@ -137,13 +137,15 @@ def harden_mmengine_checkpoint_loader() -> None:
     Idempotent.
     """
     from mmengine.runner.checkpoint import CheckpointLoader
-    if CheckpointLoader._schemes.get('') is _load_local_weights_only:
+    if CheckpointLoader._schemes.get('') is load_from_local_weights_only:
         return
-    CheckpointLoader.register_scheme(prefixes='', loader=_load_local_weights_only,
+    CheckpointLoader.register_scheme(prefixes='', loader=load_from_local_weights_only,
                                      force=True)
 
 
-def _load_local_weights_only(filename, map_location=None):
+# (named load_from_*: mmengine logs "Loads checkpoint by <name minus its first 10
+# characters> backend", here "local_weights_only")
+def load_from_local_weights_only(filename, map_location=None):
     import os.path as osp
     filename = osp.expanduser(filename)
     if not osp.isfile(filename):

@@ -85,6 +85,16 @@ def test_default_decay_rate_is_one_and_backbone_is_required():
         NATLayerDecayOptimizerConstructor(OPTIM, PARAMWISE)(nn.Linear(2, 2))
 
 
+def test_decay_type():
+    model = ToyDetector()
+    layer_wise = NATLayerDecayOptimizerConstructor(OPTIM, dict(PARAMWISE,
+                                                               decay_type='layer_wise'))
+    assert settings_by_name(model, layer_wise(model)) == settings_by_name(
+        model, NATLayerDecayOptimizerConstructor(OPTIM, PARAMWISE)(model))
+    with pytest.raises(ValueError, match="decay_type 'stage_wise' is not supported"):
+        NATLayerDecayOptimizerConstructor(OPTIM, dict(PARAMWISE, decay_type='stage_wise'))
+
+
 @pytest.mark.parametrize('package', ['mmdet', 'mmseg'])
 def test_built_through_mm_registry(package):
     pytest.importorskip(package)

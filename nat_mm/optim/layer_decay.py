@@ -42,7 +42,11 @@ class NATLayerDecayOptimizerConstructor(DefaultOptimWrapperConstructor):
     def __init__(self, optim_wrapper_cfg: dict, paramwise_cfg: Optional[dict] = None):
         paramwise_cfg = dict(paramwise_cfg or {})
         self.decay_rate = float(paramwise_cfg.pop('decay_rate', 1.))
-        paramwise_cfg.pop('decay_type', None)  # only 'layer_wise' exists
+        decay_type = paramwise_cfg.pop('decay_type', 'layer_wise')
+        if decay_type != 'layer_wise':  # e.g. ConvNeXt's 'stage_wise' of mmdet configs
+            raise ValueError(f"paramwise_cfg decay_type {decay_type!r} is not supported by "
+                             f"{type(self).__name__}: only 'layer_wise' (one lr per "
+                             f"block, NAT's get_layer_depth)")
         # An empty paramwise_cfg would make the parent skip add_params entirely.
         paramwise_cfg.setdefault('custom_keys', {})
         super().__init__(optim_wrapper_cfg, paramwise_cfg)
