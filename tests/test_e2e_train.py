@@ -289,3 +289,20 @@ def test_tool_help(name, tmp_path):
     _, out = run(cmd + [osp.join(TOOLS, name), '--help'], cwd=tmp_path)
     assert 'usage' in out.lower() or name.endswith('.sh')
     assert len(out.strip()) > 50
+
+
+@pytest.mark.parametrize('name, args, message', [
+    ('convert_checkpoint.py', ['in.pth', 'out.pth', '--kernel-size', '4'],
+     "argument --kernel-size: 4 is not an odd int >= 3"),
+    ('benchmark_inference.py', [DET_CFG, '--num-iters', '0'],
+     'argument --num-iters: 0 is not an int >= 1'),
+    ('benchmark_inference.py', [DET_CFG, '--batch-size', 'x'],
+     "argument --batch-size: 'x' is not an int"),
+    ('test.py', [DET_CFG, 'none.pth', '--tta'],
+     'no test-time augmentation for instance segmentation'),
+])
+def test_tool_refuses_bad_arguments_up_front(name, args, message, tmp_path):
+    code, out = tool(name, *args, cwd=tmp_path, expect_ok=False)
+    assert code != 0 and message in out, out[-3000:]
+    assert 'Traceback' not in out, out[-3000:]
+

@@ -82,6 +82,22 @@ def skip_backbone_init(cfg) -> None:
         cfg.model.backbone.init_cfg = None
 
 
+def int_at_least(minimum: int, odd: bool = False):
+    """An argparse type: an int >= minimum (and odd, if asked), else a usage error."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'{text!r} is not an int') from None
+        if value < minimum or (odd and value % 2 == 0):
+            raise argparse.ArgumentTypeError(
+                f'{value} is not {"an odd int" if odd else "an int"} >= {minimum}')
+        return value
+    return parse
+
+
 def add_cfg_options(parser, example: str = '') -> None:
     """The --cfg-options argument every tool takes (mmengine's key=value overrides)."""
     from mmengine.config import DictAction

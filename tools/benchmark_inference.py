@@ -14,7 +14,7 @@ import time
 
 import _common  # noqa: F401  (puts the repository on sys.path)
 from _common import (add_cfg_options, add_repo_to_pythonpath, build_model_from_cfg,
-                     config_scope, dummy_batch, input_hw, read_config)
+                     config_scope, dummy_batch, input_hw, int_at_least, read_config)
 
 DEFAULT_SHAPES = dict(mmdet=(800, 1333), mmseg=(512, 512))
 
@@ -28,9 +28,9 @@ def parse_args(argv=None):
     p.add_argument('--shape', type=int, nargs='+', default=None,
                    help='input height [width] (default: 800 1333 detection, 512 512 '
                    'segmentation)')
-    p.add_argument('--batch-size', type=int, default=1, help='images per forward')
-    p.add_argument('--num-iters', type=int, default=10, help='timed iterations')
-    p.add_argument('--num-warmup', type=int, default=2, help='untimed iterations first')
+    p.add_argument('--batch-size', type=int_at_least(1), default=1, help='images per forward')
+    p.add_argument('--num-iters', type=int_at_least(1), default=10, help='timed iterations')
+    p.add_argument('--num-warmup', type=int_at_least(0), default=2, help='untimed iterations first')
     p.add_argument('--device', default='cpu', help='cpu, cuda, cuda:0, ...')
     p.add_argument('--threads', type=int, default=None, help='torch CPU threads')
     add_cfg_options(p)

@@ -10,12 +10,12 @@ is printed. Dilations do not change the weights, so one file serves NAT and DiNA
     python tools/convert_checkpoint.py dinat_s_in1k_224.pth out.pth --kernel-size 11
 """
 import argparse
-import os
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import _common  # noqa: F401  (puts the repository on sys.path)
+from _common import int_at_least
 
 
 def parse_args(argv=None):
@@ -24,7 +24,7 @@ def parse_args(argv=None):
                     'checkpoint (keys under "backbone.") and print the load report.')
     parser.add_argument('src', help='upstream checkpoint (path or http(s) URL)')
     parser.add_argument('dst', help='output .pth file')
-    parser.add_argument('--kernel-size', type=int, default=None,
+    parser.add_argument('--kernel-size', type=int_at_least(3, odd=True), default=None,
                         help='target kernel size; the relative position biases are '
                              'resized bicubically when it differs (default: keep)')
     parser.add_argument('--non-strict', action='store_true',

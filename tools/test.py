@@ -64,10 +64,20 @@ def trigger_visualization_hook(cfg, args):
     return cfg
 
 
+def _has_mask_head(model_cfg) -> bool:
+    roi_head = model_cfg.get('roi_head') or {}
+    return bool(roi_head.get('mask_head')) or bool(model_cfg.get('mask_head'))
+
+
 def setup_tta(cfg, scope):
     from copy import deepcopy
 
     from mmengine.config import ConfigDict
+    if scope == 'mmdet' and _has_mask_head(cfg.model):
+        # mmdet 3.3's DetTTAModel asserts on masks, after the whole model has run
+        raise SystemExit('--tta: mmdet 3.3 has no test-time augmentation for instance '
+                         'segmentation, and this config predicts masks (a mask head); '
+                         'test without --tta')
     if scope == 'mmdet':
         if 'tta_model' not in cfg:
             cfg.tta_model = dict(type='DetTTAModel', tta_cfg=dict(
