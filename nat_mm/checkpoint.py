@@ -50,13 +50,27 @@ def read_checkpoint(filename: str) -> dict:
         allow_mm_checkpoint_types()
         return torch.hub.load_state_dict_from_url(filename, map_location='cpu',
                                                   weights_only=True)
+    path = os.path.expanduser(filename)
     try:
-        return safe_torch_load(os.path.expanduser(filename), map_location='cpu')
+        return safe_torch_load(path, map_location='cpu')
     except pickle.UnpicklingError as error:
+        if not _looks_like_torch_save(path):
+            raise CheckpointLoadError(
+                f'{filename} is not a PyTorch checkpoint (neither a torch.save zip archive '
+                f'nor a pickle)') from None
         raise CheckpointLoadError(
             f'{error}. If you trust the file, extract its weights once with '
             f'`python tools/convert_checkpoint.py --trust-pickle {filename} OUT.pth` and '
             f'load OUT.pth.') from None
+
+
+def _looks_like_torch_save(path: str) -> bool:
+    """A torch.save zip archive, or a legacy pickle (protocol 2+ starts with 0x80)."""
+    import zipfile
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, 'rb') as f:
+        return f.read(1) == b'\x80'
 
 
 def extract_state_dict(checkpoint: dict) -> StateDict:

@@ -189,6 +189,14 @@ def test_checkpoint_with_code_is_refused(tmp_path):
     assert not marker.exists()
 
 
+def test_a_file_that_is_no_checkpoint_is_named_so(tmp_path):
+    path = tmp_path / 'config.py'
+    path.write_text("model = dict(type='NAT')\n")
+    with pytest.raises(CheckpointLoadError, match='is not a PyTorch checkpoint') as error:
+        load_pretrained(NAT(**TINY_KWARGS), str(path), logger='silent')
+    assert 'trust' not in str(error.value) and 'run code' not in str(error.value)
+
+
 def test_mmengine_metadata_is_accepted(tmp_path):
     import numpy as np
     path = save(tmp_path, {'state_dict': tiny_upstream_state_dict(),
