@@ -227,9 +227,9 @@ class RNGStateHook(_Hook):
     global RNG) does not reach training either. "Right before" is ``before_train_epoch``
     for epoch-based loops, the first ``before_train_iter`` for iteration-based ones (whose
     resume first fast-forwards the dataloader). Data augmentation in dataloader *workers*
-    is seeded per worker by mmengine and replays on resume; with ``num_workers=0`` the augmentation of the
-    fast-forwarded batches draws from the main RNG before it is restored, so the first
-    resumed batch can be augmented differently.
+    is seeded per worker by mmengine and replays on resume; with ``num_workers=0`` the
+    augmentation of the fast-forwarded batches draws from the main RNG before it is
+    restored, so the first resumed batch can be augmented differently.
     """
     priority = 'VERY_LOW'
 

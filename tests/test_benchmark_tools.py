@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+from tool_modules import import_tool
+
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 BACKBONE = osp.join(REPO, 'tools', 'benchmark_backbone.py')
 OPS = osp.join(REPO, 'tools', 'benchmark_ops.py')
@@ -104,11 +106,7 @@ def test_benchmark_gpu_harness_on_cpu(tmp_path):
 def test_benchmark_gpu_method_env_is_restored(monkeypatch):
     """A method's kernel switch holds inside method_env (through the backward) and is
     restored after it, also when the call raises."""
-    sys.path.insert(0, osp.join(REPO, 'tools'))
-    try:
-        import benchmark_gpu
-    finally:
-        sys.path.pop(0)
+    benchmark_gpu = import_tool('benchmark_gpu')
     monkeypatch.delenv('NAT_MM_CUDA_TENSOR_CORES', raising=False)
     with benchmark_gpu.method_env('nat_fused_tensor_cores'):
         assert os.environ['NAT_MM_CUDA_TENSOR_CORES'] == '1'

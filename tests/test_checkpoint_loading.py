@@ -14,6 +14,7 @@ from nat_mm.checkpoint import (CheckpointLoadError, infer_arch, load_pretrained,
                                resize_rpb)
 from nat_mm.models import DiNAT, NAT
 from test_backbone_utils import OUTPUT_NORM, TINY_KWARGS, tiny_upstream_state_dict
+from tool_modules import import_tool
 
 warnings.filterwarnings('ignore', message='nat_mm: ', category=RuntimeWarning)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -211,11 +212,7 @@ def test_infer_arch():
 
 
 def test_convert_tool(tmp_path):
-    sys.path.insert(0, os.path.join(REPO, 'tools'))
-    try:
-        import convert_checkpoint
-    finally:
-        sys.path.pop(0)
+    convert_checkpoint = import_tool('convert_checkpoint')
     upstream = tiny_upstream_state_dict(layer_scale=True)
     src, dst = save(tmp_path, {'model': upstream}), str(tmp_path / 'mm.pth')
     assert convert_checkpoint.main([src, dst, '--kernel-size', '5']) == 0

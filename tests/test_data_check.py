@@ -10,14 +10,12 @@ pytest.importorskip('mmdet')
 pytest.importorskip('mmseg')
 
 from mmengine.config import Config  # noqa: E402
+from tool_modules import TOOLS, import_tool  # noqa: E402
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
-TOOLS = osp.join(REPO, 'tools')
-sys.path.insert(0, TOOLS)  # only for this import: tools/ holds a module named test
-try:
-    from _data_check import missing_dataset_paths, require_datasets
-finally:
-    sys.path.pop(0)
+_data_check = import_tool('_data_check')
+missing_dataset_paths, require_datasets = (_data_check.missing_dataset_paths,
+                                           _data_check.require_datasets)
 
 COCO_CFG = osp.join(REPO, 'configs', 'detection', 'nat_tiny_maskrcnn.py')
 ADE_CFG = osp.join(REPO, 'configs', 'segmentation', 'nat_tiny_upernet.py')

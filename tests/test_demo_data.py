@@ -1,18 +1,14 @@
 """tools/make_demo_data.py: the synthetic data sets are written once per set of arguments."""
 import os
 import os.path as osp
-import sys
 
 import pytest
 
 pytest.importorskip('cv2')
 
-REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
-sys.path.insert(0, osp.join(REPO, 'tools'))  # only for this import: tools/ holds test.py
-try:
-    import make_demo_data
-finally:
-    sys.path.pop(0)
+from tool_modules import import_tool  # noqa: E402
+
+make_demo_data = import_tool('make_demo_data')
 
 TINY = ['--num-train', '2', '--num-val', '1', '--img-size', '48', '--seg-num-train', '2',
         '--seg-num-val', '1', '--seg-img-size', '32']

@@ -1,6 +1,5 @@
 """Deployment: torch.export with dynamic sizes, and ONNX with the NA ops decomposed."""
 import os
-import sys
 import warnings
 
 import pytest
@@ -9,6 +8,7 @@ import torch
 from nat_mm.export import decompose_na, export_backbone, export_onnx, na_decompositions
 from nat_mm.ops import na2d_av_reference, na2d_qk_reference, na2d_reference
 from test_backbone_utils import padded_dinat
+from tool_modules import import_tool
 
 warnings.filterwarnings('ignore', message='nat_mm: ', category=RuntimeWarning)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,11 +93,7 @@ def test_onnx_export_runs_in_onnxruntime(model, tmp_path):
 def test_export_tool_builds_the_configs_backbone():
     """tools/export_onnx.py takes the backbone of an mm config (or --arch)."""
     pytest.importorskip('mmdet')
-    sys.path.insert(0, os.path.join(REPO, 'tools'))
-    try:
-        import export_onnx as tool
-    finally:
-        sys.path.pop(0)
+    tool = import_tool('export_onnx')
     args = tool.parse_args([os.path.join(REPO, 'configs/detection/dinat_tiny_maskrcnn.py')])
     model = tool.build_backbone(args)
     assert type(model).__name__ == 'DiNAT' and model.levels[1].blocks[1].attn.dilation > 1
