@@ -72,9 +72,7 @@ class NeighborhoodAttention(nn.Module):
         return self.proj_drop(self.proj(out))
 
     def _attend(self, query, key, value):
-        # Under autocast q/k/v come out of the Linear in half precision while the bias
-        # stays float32; the NA ops want one dtype (autocast does not cover them).
-        rpb = self.rpb.to(query.dtype)
+        rpb = self.rpb  # under autocast the NA ops cast it to the dtype of q/k/v
         # The fused op has no dropout inside; attention dropout needs the explicit map.
         if self.training and self.attn_drop.p > 0:
             attn = na2d_qk(query * self.scale, key, self.kernel_size, self.dilation,

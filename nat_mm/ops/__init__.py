@@ -3,6 +3,7 @@
     from nat_mm.ops import na2d, na2d_qk, na2d_av, backend_info
 """
 from . import library  # defines the op schemas, fake kernels and autograd
+from . import autocast  # Autocast kernels: the ops run in the autocast dtype
 from . import extension
 from .functional import na2d, na2d_av, na2d_qk
 from .reference import na2d_av_reference, na2d_qk_reference, na2d_reference

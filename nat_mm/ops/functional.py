@@ -4,6 +4,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .autocast import autocast_inputs
 from .library import kernel_layout, op
 from .validation import IntOrPair, check_av, check_na2d, check_qk
 
@@ -15,6 +16,7 @@ def na2d_qk(query: Tensor, key: Tensor, kernel_size: IntOrPair, dilation: IntOrP
     query, key: [B, heads, H, W, D]; rpb: [heads, 2*kh-1, 2*kw-1] or None.
     Returns attn [B, heads, H, W, kh*kw], neighbors in row-major window order.
     """
+    query, key, rpb = autocast_inputs((query, key, rpb))
     kernel_size, dilation = check_qk(query, key, kernel_size, dilation, rpb)
     return op('na2d_qk')(query, key, rpb, kernel_size, dilation)
 
@@ -23,6 +25,7 @@ def na2d_av(attn: Tensor, value: Tensor, kernel_size: IntOrPair,
             dilation: IntOrPair = 1) -> Tensor:
     """Weighted sum of each query's neighbor values: attn [B, heads, H, W, kh*kw],
     value [B, heads, H, W, D] -> [B, heads, H, W, D]."""
+    attn, value = autocast_inputs((attn, value))
     kernel_size, dilation = check_av(attn, value, kernel_size, dilation)
     return op('na2d_av')(attn, value, kernel_size, dilation)
 
@@ -35,6 +38,7 @@ def na2d(query: Tensor, key: Tensor, value: Tensor, kernel_size: IntOrPair,
     Never materializes the attention map; the backward recomputes it. ``scale``
     defaults to head_dim ** -0.5. Returns [B, heads, H, W, D].
     """
+    query, key, value, rpb = autocast_inputs((query, key, value, rpb))
     kernel_size, dilation, scale = check_na2d(query, key, value, kernel_size, dilation, rpb,
                                               scale)
     saved = torch.is_grad_enabled() and any(
