@@ -119,3 +119,32 @@ def test_compiled_under_autocast_matches_eager(device):
             expected, got = fn(*inputs), compiled(*inputs)
         assert got.dtype == torch.bfloat16
         torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize('name', list(PUBLIC_CALLS))
+@pytest.mark.parametrize('create_graph', [False, True], ids=['backward', 'double-backward'])
+def test_backward_inside_autocast_keeps_the_forward_dtypes(name, create_graph):
+    # a float32 forward (autocast disabled around it), then its backward inside the region
+    # (e.g. a gradient penalty): the backward's op calls must not be cast half-way
+    call = PUBLIC_CALLS[name]
+    inputs = float32_inputs()
+
+    def penalty():
+        with torch.autocast('cpu', enabled=False):
+            out = call(*inputs)
+        grads = torch.autograd.grad(out.pow(2).sum(), inputs, create_graph=create_graph,
+                                    allow_unused=True)
+        used = [(g, x) for g, x in zip(grads, inputs) if g is not None]
+        if create_graph:
+            grads = torch.autograd.grad(sum(g.pow(2).sum() for g, _ in used),
+                                        [x for _, x in used])
+        return grads
+
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        got = penalty()
+    expected = penalty()
+    for g, e in zip(got, expected):
+        assert (g is None) == (e is None)
+        if e is not None:
+            assert g.dtype == torch.float32
+            torch.testing.assert_close(g, e, atol=0, rtol=0)

@@ -15,6 +15,8 @@ Ops (all tensors heads-first ``[B, heads, H, W, ...]``):
                       dilation, scale) -> (grad_query, grad_key, grad_value, grad_rpb)
 ``lse`` (the log-sum-exp of each query's logits) is float32 (float64 for float64 input).
 """
+import functools
+
 import torch
 
 NAMESPACE = 'nat_mm'
@@ -204,11 +206,25 @@ def _rpb_grad_backward(ctx, grad_bias):
     return op('na2d_qk')(zeros, zeros, bias, kernel_size, dilation), None, None
 
 
-torch.library.register_autograd(qualified('na2d_qk'), _qk_backward, setup_context=_save_operands)
-torch.library.register_autograd(qualified('na2d_av'), _av_backward, setup_context=_save_operands)
-torch.library.register_autograd(qualified('na2d_fused'), _fused_backward,
-                                setup_context=_fused_setup)
-torch.library.register_autograd(qualified('na2d_inverse'), _inverse_backward,
-                                setup_context=_save_operands)
-torch.library.register_autograd(qualified('na2d_rpb_grad'), _rpb_grad_backward,
-                                setup_context=_rpb_grad_setup)
+def _outside_autocast(backward):
+    """``backward`` run in the dtypes autograd saved (as torch.amp.custom_bwd does): a
+    backward inside an autocast region would otherwise cast some of its op calls' inputs
+    and not others (the forward may have run in float32)."""
+    @functools.wraps(backward)
+    def run(ctx, *grads):
+        device = next((g.device.type for g in grads if g is not None), 'cpu')
+        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+            with torch.autocast(device, enabled=False):
+                return backward(ctx, *grads)
+        return backward(ctx, *grads)
+
+    return run
+
+
+for _name, _backward, _setup in (('na2d_qk', _qk_backward, _save_operands),
+                                 ('na2d_av', _av_backward, _save_operands),
+                                 ('na2d_fused', _fused_backward, _fused_setup),
+                                 ('na2d_inverse', _inverse_backward, _save_operands),
+                                 ('na2d_rpb_grad', _rpb_grad_backward, _rpb_grad_setup)):
+    torch.library.register_autograd(qualified(_name), _outside_autocast(_backward),
+                                    setup_context=_setup)
