@@ -1,5 +1,6 @@
 """torch.func.vmap over the NA ops: one kernel call per vmap (the vmapped dim folds into
-the heads), equal to a loop over the samples, forward and gradients."""
+the batch, or into the heads where samples differ in their bias), equal to a loop over the
+samples, forward and gradients."""
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -25,16 +26,21 @@ IN_DIMS = [(0, 0, 0, 0), (0, None, 2, None), (None, None, None, 0)]
 
 
 class OpLog(TorchDispatchMode):
-    """Records (op name, heads of its first argument) of each nat_mm op call."""
+    """Records (op name, (batch, heads) of its first argument) of each nat_mm op call, and
+    the first arguments themselves."""
 
     def __init__(self):
         super().__init__()
-        self.calls = []
+        self.calls, self.first_args = [], []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func.namespace == 'nat_mm':
-            self.calls.append((func.__name__.split('.')[0], args[0].shape[1]))
+            self.calls.append((func.__name__.split('.')[0], tuple(args[0].shape[:2])))
+            self.first_args.append(args[0])
         return func(*args, **(kwargs or {}))
+
+
+FOLDED_BATCH, FOLDED_HEADS = (N * MAP[0], MAP[1]), (MAP[0], N * MAP[1])
 
 
 def inputs_for(in_dims, seed=0):
@@ -62,8 +68,11 @@ def test_vmap_matches_a_loop_in_one_call_per_op(name, in_dims):
     expected = torch.stack([call(*(sample(x, d, i) for x, d in zip(inputs, in_dims)))
                             for i in range(N)])
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
-    # one call per op, over N * heads heads (torch's fallback would call each op N times)
-    assert log.calls and all(heads == N * MAP[1] for _, heads in log.calls)
+    # one call per op (torch's fallback would call each op N times), the samples folded
+    # into the batch, or into the heads for the ops that read a vmapped bias
+    assert log.calls and all(
+        shape == (FOLDED_HEADS if op_name in ('na2d_qk', 'na2d_fused') and in_dims[3] is not None
+                  else FOLDED_BATCH) for op_name, shape in log.calls)
     assert len(log.calls) == len({op for op, _ in log.calls})
 
     grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
@@ -94,7 +103,8 @@ def test_every_op_batches_in_one_call(name):
     in_dims = tuple(0 if isinstance(arg, torch.Tensor) else None for arg in stacked)
     with OpLog() as log:
         got = torch.func.vmap(op(name), in_dims=in_dims)(*stacked)
-    assert log.calls == [(name, N * MAP[1])]
+    by_heads = name in ('na2d_qk', 'na2d_fused', 'na2d_rpb_grad', 'na2d_fused_backward')
+    assert log.calls == [(name, FOLDED_HEADS if by_heads else FOLDED_BATCH)]
     loop = [op(name)(*(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
             for args in samples]
     if isinstance(got, torch.Tensor):
@@ -112,10 +122,44 @@ def test_nested_vmap():
     with OpLog() as log:
         out = torch.func.vmap(torch.func.vmap(lambda x, b: call(x, x, x, b)),
                               in_dims=(0, None))(q, rpb)
-    assert log.calls == [('na2d_fused', 2 * N * MAP[1])]
+    assert log.calls == [('na2d_fused', (2 * MAP[0], N * MAP[1]))]
     expected = torch.stack([torch.stack([call(q[i, j], q[i, j], q[i, j], rpb[j])
                                          for j in range(N)]) for i in range(2)])
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_vmapped_dim_first_folds_into_the_batch_as_a_view():
+    q = torch.randn(N, *MAP)
+    with OpLog() as log:
+        torch.func.vmap(lambda x: na2d(x, x, x, KERNEL, DILATION))(q)
+    assert log.first_args[0].data_ptr() == q.data_ptr()  # no copy of the inputs
+
+
+@pytest.mark.parametrize('rpb_dim', [None, 0])
+def test_vmap_over_no_samples(rpb_dim):
+    q = torch.randn(0, *MAP)
+    rpb = torch.randn(*((0, ) if rpb_dim == 0 else ()), *BIAS)
+    out = torch.func.vmap(PUBLIC_CALLS['na2d'], in_dims=(0, 0, 0, rpb_dim))(q, q, q, rpb)
+    assert out.shape == (0, *MAP)
+
+
+def test_direct_op_errors_name_one_samples_shapes():
+    q, rpb = torch.randn(N, *MAP), torch.randn(N, 1, *BIAS[1:])  # one head, query has two
+    with pytest.raises(RuntimeError) as plain:
+        op('na2d_qk')(q[0], q[0], rpb[0], KERNEL, DILATION)
+    with pytest.raises(RuntimeError) as vmapped:
+        torch.func.vmap(lambda a, b: op('na2d_qk')(a, a, b, KERNEL, DILATION))(q, rpb)
+    assert str(vmapped.value) == str(plain.value)
+
+
+def test_export_of_a_vmapped_function():
+    class Ensemble(torch.nn.Module):
+        def forward(self, q, rpb):
+            return torch.func.vmap(lambda x, b: na2d(x, x, x, KERNEL, DILATION, rpb=b))(q, rpb)
+
+    q, rpb = torch.randn(N, *MAP), torch.randn(N, *BIAS)
+    program = torch.export.export(Ensemble(), (q, rpb))  # non-strict: torch's default
+    torch.testing.assert_close(program.module()(q, rpb), Ensemble()(q, rpb))
 
 
 def test_every_op_has_a_batching_rule():
