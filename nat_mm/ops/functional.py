@@ -4,7 +4,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import reference
 from .autocast import autocast_inputs
+from .forward_ad import carries_tangent, warn_reference_once
 from .library import kernel_layout, op
 from .validation import IntOrPair, check_av, check_na2d, check_qk
 
@@ -18,6 +20,9 @@ def na2d_qk(query: Tensor, key: Tensor, kernel_size: IntOrPair, dilation: IntOrP
     """
     query, key, rpb = autocast_inputs((query, key, rpb))
     kernel_size, dilation = check_qk(query, key, kernel_size, dilation, rpb)
+    if carries_tangent((query, key, rpb)):
+        warn_reference_once()
+        return reference.na2d_qk_reference(query, key, kernel_size, dilation, rpb)
     return op('na2d_qk')(query, key, rpb, kernel_size, dilation)
 
 
@@ -27,6 +32,9 @@ def na2d_av(attn: Tensor, value: Tensor, kernel_size: IntOrPair,
     value [B, heads, H, W, D] -> [B, heads, H, W, D]."""
     attn, value = autocast_inputs((attn, value))
     kernel_size, dilation = check_av(attn, value, kernel_size, dilation)
+    if carries_tangent((attn, value)):
+        warn_reference_once()
+        return reference.na2d_av_reference(attn, value, kernel_size, dilation)
     return op('na2d_av')(attn, value, kernel_size, dilation)
 
 
@@ -41,6 +49,9 @@ def na2d(query: Tensor, key: Tensor, value: Tensor, kernel_size: IntOrPair,
     query, key, value, rpb = autocast_inputs((query, key, value, rpb))
     kernel_size, dilation, scale = check_na2d(query, key, value, kernel_size, dilation, rpb,
                                               scale)
+    if carries_tangent((query, key, value, rpb)):
+        warn_reference_once()
+        return reference.na2d_reference(query, key, value, kernel_size, dilation, rpb, scale)
     saved = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (query, key, value, rpb))
     query, key, value = (kernel_layout(t, saved) for t in (query, key, value))
