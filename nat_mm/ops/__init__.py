@@ -5,7 +5,7 @@
 from . import library  # defines the op schemas, fake kernels and autograd
 from . import autocast  # Autocast kernels: the ops run in the autocast dtype
 from . import extension
-from . import vmap  # batching rules: torch.func.vmap folds its dim into the heads
+from . import vmap  # batching rules: torch.func.vmap runs each op once
 from .functional import na2d, na2d_av, na2d_qk
 from .reference import na2d_av_reference, na2d_qk_reference, na2d_reference
 

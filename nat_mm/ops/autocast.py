@@ -12,7 +12,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .library import NAMESPACE
+from .library import NAMESPACE, op
 
 _CASTABLE = (torch.float32, torch.float16, torch.bfloat16)
 # the forward ops users call; the backward ops take float32 statistics (lse) as they are
@@ -32,15 +32,19 @@ def autocast_inputs(tensors: Sequence[Optional[Tensor]]) -> Tuple[Optional[Tenso
                  for t in tensors)
 
 
+def _autocast_key(device: str) -> str:
+    return 'Autocast' + torch._C._dispatch_key_for_device(device)  # AutocastCPU, ...
+
+
 def _autocast_kernel(name: str, device: str):
-    op = getattr(torch.ops, NAMESPACE).__getattr__(name).default
-    key = getattr(torch._C.DispatchKey, 'Autocast' + torch._C._dispatch_key_for_device(device))
+    target = op(name)
+    below = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, _autocast_key(device)))
 
     def kernel(*args):
         args = autocast_inputs(args)
         # run the op below autocast (what torch.library.register_autocast does)
-        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
-            return op(*args)
+        with torch._C._ExcludeDispatchKeyGuard(below):
+            return target(*args)
 
     return kernel
 
@@ -48,5 +52,4 @@ def _autocast_kernel(name: str, device: str):
 _lib = torch.library.Library(NAMESPACE, 'IMPL')
 for _device in AUTOCAST_DEVICES:
     for _name in AUTOCAST_OPS:
-        _lib.impl(_name, _autocast_kernel(_name, _device),
-                  'Autocast' + torch._C._dispatch_key_for_device(_device))
+        _lib.impl(_name, _autocast_kernel(_name, _device), _autocast_key(_device))

@@ -11,7 +11,7 @@ dimension is broadcast to it. Outputs come back with the vmapped dim first.
 """
 import torch
 
-from .library import SCHEMAS, qualified
+from .library import SCHEMAS, op, qualified
 
 BIAS_RANK = 3  # [heads, 2*kh-1, 2*kw-1]; the maps are [B, heads, H, W(, C)]
 BIAS_GRAD_OPS = ('na2d_rpb_grad', 'na2d_fused_backward')
@@ -51,7 +51,7 @@ def _unfold_heads(y, size, batch, heads):
 
 
 def _batching_rule(name):
-    op = getattr(torch.ops.nat_mm, name).default
+    target = op(name)
 
     def rule(info, in_dims, *args):
         size = info.batch_size
@@ -61,11 +61,11 @@ def _batching_rule(name):
         fold, unfold = ((_fold_into_heads, _unfold_heads) if by_heads else
                         (_fold_into_batch, _unfold_batch))
         try:
-            out = op(*(fold(x, d, size) for x, d in zip(args, in_dims)))
+            out = target(*(fold(x, d, size) for x, d in zip(args, in_dims)))
         except (RuntimeError, TypeError, ValueError):
             if size:  # the op's own message about one sample's shapes, not the folded ones
-                op(*(x.select(d, 0) if isinstance(x, torch.Tensor) and d is not None else x
-                     for x, d in zip(args, in_dims)))
+                target(*(x.select(d, 0) if isinstance(x, torch.Tensor) and d is not None
+                         else x for x, d in zip(args, in_dims)))
             raise
         # every op's first argument is a map [B, heads, ...]
         batch, heads = _per_sample_shape(args[0], in_dims[0])[:2]
