@@ -76,3 +76,30 @@ def test_reference_path_is_announced_once_and_only_for_tangents(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter('error')
         torch.func.jvp(call, tuple(primals), tuple(tangents))  # said once
+
+
+def test_jvp_of_vmap_and_vmap_inside_a_dual_level():
+    (q, k, v, rpb), _ = primals_and_tangents()
+    qs = torch.stack([q, 2 * q, q.flip(2)])
+    call = lambda x: na2d(x, k, v, KERNEL, DILATION, rpb=rpb)  # noqa: E731
+    tangents = torch.randn(qs.shape, generator=torch.Generator().manual_seed(5),
+                           dtype=qs.dtype)
+    _, got = torch.func.jvp(torch.func.vmap(call), (qs, ), (tangents, ))
+    for i in range(len(qs)):
+        _, expected = torch.autograd.functional.jvp(call, qs[i], tangents[i])
+        torch.testing.assert_close(got[i], expected, atol=1e-10, rtol=1e-8)
+    with fwAD.dual_level():  # no tangent anywhere: the kernels, under vmap
+        torch.testing.assert_close(torch.func.vmap(call)(qs), torch.stack([call(x) for x in qs]))
+
+
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16], ids=str)
+def test_reference_path_is_as_precise_as_the_kernels(dtype):
+    # in half precision the reference runs in float32, as the kernels accumulate
+    primals, tangents = primals_and_tangents()
+    call = PUBLIC_CALLS['na2d']
+    oracle = call(*primals)
+    half = [t.to(dtype) for t in primals]
+    out, _ = torch.func.jvp(call, tuple(half), tuple(t.to(dtype) for t in tangents))
+    assert out.dtype == dtype
+    kernel_error = (call(*half).double() - oracle).abs().max()
+    assert (out.double() - oracle).abs().max() <= 1.5 * kernel_error

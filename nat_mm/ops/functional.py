@@ -6,7 +6,7 @@ from torch import Tensor
 
 from . import reference
 from .autocast import autocast_inputs
-from .forward_ad import carries_tangent, warn_reference_once
+from .forward_ad import carries_tangent, reference_with_tangents
 from .library import kernel_layout, op
 from .validation import IntOrPair, check_av, check_na2d, check_qk
 
@@ -21,8 +21,9 @@ def na2d_qk(query: Tensor, key: Tensor, kernel_size: IntOrPair, dilation: IntOrP
     query, key, rpb = autocast_inputs((query, key, rpb))
     kernel_size, dilation = check_qk(query, key, kernel_size, dilation, rpb)
     if carries_tangent((query, key, rpb)):
-        warn_reference_once()
-        return reference.na2d_qk_reference(query, key, kernel_size, dilation, rpb)
+        return reference_with_tangents(
+            lambda q, k, b: reference.na2d_qk_reference(q, k, kernel_size, dilation, b),
+            query, key, rpb)
     return op('na2d_qk')(query, key, rpb, kernel_size, dilation)
 
 
@@ -33,8 +34,8 @@ def na2d_av(attn: Tensor, value: Tensor, kernel_size: IntOrPair,
     attn, value = autocast_inputs((attn, value))
     kernel_size, dilation = check_av(attn, value, kernel_size, dilation)
     if carries_tangent((attn, value)):
-        warn_reference_once()
-        return reference.na2d_av_reference(attn, value, kernel_size, dilation)
+        return reference_with_tangents(
+            lambda a, v: reference.na2d_av_reference(a, v, kernel_size, dilation), attn, value)
     return op('na2d_av')(attn, value, kernel_size, dilation)
 
 
@@ -50,8 +51,9 @@ def na2d(query: Tensor, key: Tensor, value: Tensor, kernel_size: IntOrPair,
     kernel_size, dilation, scale = check_na2d(query, key, value, kernel_size, dilation, rpb,
                                               scale)
     if carries_tangent((query, key, value, rpb)):
-        warn_reference_once()
-        return reference.na2d_reference(query, key, value, kernel_size, dilation, rpb, scale)
+        return reference_with_tangents(
+            lambda q, k, v, b: reference.na2d_reference(q, k, v, kernel_size, dilation, b,
+                                                        scale), query, key, value, rpb)
     saved = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (query, key, value, rpb))
     query, key, value = (kernel_layout(t, saved) for t in (query, key, value))
