@@ -56,10 +56,20 @@ def check_tensor(x, name: str, rank: int, layout: str) -> None:
         raise ValueError(f'{name} must be {rank}-D {layout}, got shape {tuple(x.shape)}')
 
 
+def _autocast_note(device: torch.device) -> str:
+    # the public functions cast under autocast before these checks (autocast.py)
+    kind = device.type
+    if not torch.amp.is_autocast_available(kind) or not torch.is_autocast_enabled(kind):
+        return ''
+    return (f' (inside torch.autocast, float32/float16/bfloat16 inputs were cast to '
+            f'{torch.get_autocast_dtype(kind)}; float64 ones are left as they are)')
+
+
 def check_same(reference: Tensor, ref_name: str, other: Tensor, name: str) -> None:
     if other.dtype != reference.dtype:
         raise TypeError(f'{name} has dtype {other.dtype} but {ref_name} has '
-                        f'{reference.dtype}: cast them to one dtype')
+                        f'{reference.dtype}: cast them to one dtype'
+                        f'{_autocast_note(reference.device)}')
     if other.device != reference.device:
         raise ValueError(f'{name} is on {other.device} but {ref_name} is on '
                          f'{reference.device}: move them to one device')
