@@ -8,7 +8,7 @@
 #   1. build the extension in place with the CUDA kernels (ninja, 16 jobs, sm_90)
 #   2. tests/test_cuda_ops.py (every op vs the float64 reference, all dtypes, both kernel
 #      paths, bad inputs, determinism, streams; NAT_MM_RUN_SLOW=1 adds the >2^31-element test)
-#      and tests/test_autocast.py (the ops inside torch.autocast, CPU and CUDA)
+#      and tests/test_autocast.py, tests/test_transforms.py (torch.autocast, torch.func)
 #      (a test that crashed its worker is rerun under gdb or cuda-gdb for a backtrace, and
 #      in a copy of the tree built with /usr/bin/g++ when the build used another compiler)
 #   3. a small case of every op under compute-sanitizer memcheck (if installed)
@@ -105,7 +105,8 @@ if "$PY" -c 'import xdist' >/dev/null 2>&1; then XDIST=(-n 8); fi
 # 8 workers x 2 OpenMP threads = the 16 cores: more threads per worker oversubscribe them,
 # and OpenMP's spin-waiting then makes every CPU reference 10-30x slower.
 if [ "${STATUS[build]}" = passed ]; then
-  OMP_NUM_THREADS=2 NAT_MM_RUN_SLOW=1 step tests 210 70 "$PY" -m pytest tests/test_cuda_ops.py tests/test_autocast.py -q -rfEs \
+  OMP_NUM_THREADS=2 NAT_MM_RUN_SLOW=1 step tests 210 70 "$PY" -m pytest tests/test_cuda_ops.py \
+    tests/test_autocast.py tests/test_transforms.py -q -rfEs \
     "${XDIST[@]}" -p no:cacheprovider --junitxml="$REPORT_DIR/cuda_tests.xml"
 else
   STATUS[tests]="not run (build failed)"; SECONDS_TAKEN[tests]=0

@@ -14,6 +14,7 @@ Ops (all tensors heads-first ``[B, heads, H, W, ...]``):
   na2d_fused_backward(grad_out, query, key, value, rpb?, out, lse, kernel_size,
                       dilation, scale) -> (grad_query, grad_key, grad_value, grad_rpb)
 ``lse`` (the log-sum-exp of each query's logits) is float32 (float64 for float64 input).
+The autograd formulas here serve torch.func transforms too, through transforms.py.
 """
 import functools
 
@@ -48,6 +49,13 @@ def qualified(name: str) -> str:
 
 def op(name: str):
     return getattr(torch.ops.nat_mm, name).default
+
+
+def call(name: str, *args):
+    """Op ``name`` as the autograd formulas call it: through its autograd.Function while
+    a torch.func transform or forward-mode AD is in play (transforms.py), else directly."""
+    from . import transforms  # (transforms imports this module)
+    return transforms.call(name, *args)
 
 
 def kernel_layout(map_: torch.Tensor, saved_for_backward: bool = False) -> torch.Tensor:
@@ -126,17 +134,18 @@ def _operand_grads(ctx, grad, grad_first, grad_second):
 def _qk_backward(ctx, grad_attn):
     grad_attn = grad_attn.contiguous()
     grad_q, grad_k = _operand_grads(
-        ctx, grad_attn, lambda g, query, key, *w: op('na2d_av')(g, key, *w),
-        lambda g, query, key, *w: op('na2d_inverse')(g, query, *w))
-    grad_rpb = op('na2d_rpb_grad')(grad_attn, *ctx.window) if ctx.needs_input_grad[2] else None
+        ctx, grad_attn, lambda g, query, key, *w: call('na2d_av', g, key, *w),
+        lambda g, query, key, *w: call('na2d_inverse', g, query, *w))
+    grad_rpb = (call('na2d_rpb_grad', grad_attn, *ctx.window) if ctx.needs_input_grad[2]
+                else None)
     return grad_q, grad_k, grad_rpb, None, None
 
 
 def _av_backward(ctx, grad_out):
     return _operand_grads(
         ctx, kernel_layout(grad_out),
-        lambda g, attn, value, *w: op('na2d_qk')(g, value, None, *w),
-        lambda g, attn, value, *w: op('na2d_inverse')(attn, g, *w)) + (None, None)
+        lambda g, attn, value, *w: call('na2d_qk', g, value, None, *w),
+        lambda g, attn, value, *w: call('na2d_inverse', attn, g, *w)) + (None, None)
 
 
 def _fused_setup(ctx, inputs, output):
@@ -170,14 +179,14 @@ def _fused_grads_differentiable(grad_out, query, key, value, rpb, kernel_size, d
     na2d_inverse and na2d_rpb_grad, whose autograd formulas make the result
     differentiable again (double backward: gradient penalties, Hessian-vector products).
     The attention map is materialized; the softmax runs in float32 or float64."""
-    logits = op('na2d_qk')(query * scale, key, rpb, kernel_size, dilation)
+    logits = call('na2d_qk', query * scale, key, rpb, kernel_size, dilation)
     p = logits.to(lse_dtype(logits.dtype)).softmax(-1).to(logits.dtype)
-    dp = op('na2d_qk')(grad_out, value, None, kernel_size, dilation)
+    dp = call('na2d_qk', grad_out, value, None, kernel_size, dilation)
     ds = p * (dp - (p * dp).sum(-1, keepdim=True))
-    return (op('na2d_av')(ds, key, kernel_size, dilation) * scale,
-            op('na2d_inverse')(ds, query, kernel_size, dilation) * scale,
-            op('na2d_inverse')(p, grad_out, kernel_size, dilation),
-            op('na2d_rpb_grad')(ds, kernel_size, dilation) if rpb is not None else None)
+    return (call('na2d_av', ds, key, kernel_size, dilation) * scale,
+            call('na2d_inverse', ds, query, kernel_size, dilation) * scale,
+            call('na2d_inverse', p, grad_out, kernel_size, dilation),
+            call('na2d_rpb_grad', ds, kernel_size, dilation) if rpb is not None else None)
 
 
 # na2d_inverse and na2d_rpb_grad serve the backward of the ops above; their own formulas
@@ -186,8 +195,8 @@ def _inverse_backward(ctx, grad):
     # inverse(w, s)[key] = sum of w[q, n] * s[q] over the (query, neighbor) pairs on key
     return _operand_grads(
         ctx, kernel_layout(grad),
-        lambda g, weights, source, *w: op('na2d_qk')(source, g, None, *w),
-        lambda g, weights, source, *w: op('na2d_av')(weights, g, *w)) + (None, None)
+        lambda g, weights, source, *w: call('na2d_qk', source, g, None, *w),
+        lambda g, weights, source, *w: call('na2d_av', weights, g, *w)) + (None, None)
 
 
 def _rpb_grad_setup(ctx, inputs, output):
@@ -203,7 +212,7 @@ def _rpb_grad_backward(ctx, grad_bias):
     kernel_size, dilation = ctx.window
     bias = grad_bias.to(dtype).contiguous()
     zeros = bias.new_zeros((batch, heads, height, width, 1))
-    return op('na2d_qk')(zeros, zeros, bias, kernel_size, dilation), None, None
+    return call('na2d_qk', zeros, zeros, bias, kernel_size, dilation), None, None
 
 
 def _outside_autocast(backward):
@@ -221,10 +230,14 @@ def _outside_autocast(backward):
     return run
 
 
-for _name, _backward, _setup in (('na2d_qk', _qk_backward, _save_operands),
-                                 ('na2d_av', _av_backward, _save_operands),
-                                 ('na2d_fused', _fused_backward, _fused_setup),
-                                 ('na2d_inverse', _inverse_backward, _save_operands),
-                                 ('na2d_rpb_grad', _rpb_grad_backward, _rpb_grad_setup)):
-    torch.library.register_autograd(qualified(_name), _outside_autocast(_backward),
-                                    setup_context=_setup)
+# name: (setup_context, backward) of each differentiable op; transforms.py gives the same
+# formulas to the autograd.Functions that torch.func transforms need
+AUTOGRAD_FORMULAS = {
+    'na2d_qk': (_save_operands, _outside_autocast(_qk_backward)),
+    'na2d_av': (_save_operands, _outside_autocast(_av_backward)),
+    'na2d_fused': (_fused_setup, _outside_autocast(_fused_backward)),
+    'na2d_inverse': (_save_operands, _outside_autocast(_inverse_backward)),
+    'na2d_rpb_grad': (_rpb_grad_setup, _outside_autocast(_rpb_grad_backward)),
+}
+for _name, (_setup, _backward) in AUTOGRAD_FORMULAS.items():
+    torch.library.register_autograd(qualified(_name), _backward, setup_context=_setup)

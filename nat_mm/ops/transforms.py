@@ -1,0 +1,187 @@
+"""torch.func transforms (grad, jacrev, hessian, jvp, jacfwd, and vmap of them) and
+forward-mode AD (``torch.autograd.forward_ad``) over the NA ops.
+
+The ops' autograd (library.py, ``torch.library.register_autograd``) serves ordinary
+autograd and torch.compile. It does not serve these: in torch 2.13 the autograd.Function
+that register_autograd builds lacks the ``setup_context`` staticmethod functorch requires
+(pytorch/pytorch#170834, #179652), and custom ops have no forward-mode formulas, so
+tangents were dropped without an error. While a functorch transform is active, or an input
+carries a tangent, the ops therefore run through the autograd.Functions below: the same
+setup and backward formulas as library.py, forward-mode (jvp) formulas built from the ops
+themselves, and vmap rules generated from the ops' own (vmap.py).
+"""
+from typing import Optional, Sequence
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import Tensor
+
+from . import library
+from .library import op
+
+
+def _has_tangent(t: Tensor) -> bool:
+    # look through vmap's wrappers: unpack_dual has no batching rule (a vmap inside a jvp)
+    while torch._C._functorch.is_batchedtensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return fwAD.unpack_dual(t).tangent is not None
+
+
+def needs_function(args: Sequence) -> bool:
+    """Whether the ops must run through their autograd.Functions for these arguments."""
+    if torch.compiler.is_compiling():
+        return False
+    if torch._C._are_functorch_transforms_active():
+        return True
+    # dual tensors exist only inside a forward_ad.dual_level (the check per tensor costs)
+    return fwAD._current_level >= 0 and any(
+        isinstance(t, Tensor) and _has_tangent(t) for t in args)
+
+
+def call(name: str, *args):
+    """Op ``name`` on ``args``: through its autograd.Function where needs_function says so."""
+    if needs_function(args):
+        count = TENSOR_ARGUMENTS[name]
+        return FUNCTIONS[name].apply(*args[:count], _Static(args[count:]))
+    return op(name)(*args)
+
+
+# the leading arguments of each op that are tensors (or None); the rest are static
+TENSOR_ARGUMENTS = {'na2d_qk': 3, 'na2d_av': 2, 'na2d_inverse': 2, 'na2d_rpb_grad': 1,
+                    'na2d_fused': 4}
+
+
+class _Static:
+    """An op's non-tensor arguments (kernel_size, dilation, scale) as one opaque leaf:
+    functorch's vmap of a nested jvp miscounted the leaves of tuple arguments (torch 2.13,
+    "treespec.unflatten(leaves): `leaves` has length 4 but the spec ... 6 items")."""
+
+    def __init__(self, values):
+        self.values = tuple(values)
+
+
+def _sum(terms) -> Optional[Tensor]:
+    terms = [t for t in terms if t is not None]
+    return sum(terms[1:], terms[0]) if terms else None
+
+
+def _bias_term(t_rpb: Optional[Tensor], like: Tensor, kernel_size, dilation):
+    """na2d_qk's bias term alone (queries and keys of zeros, one channel): linear in rpb."""
+    if t_rpb is None:
+        return None
+    zeros = like.new_zeros((*like.shape[:4], 1))
+    return call('na2d_qk', zeros, zeros, t_rpb, kernel_size, dilation)
+
+
+# ---------------------------------------------------------------- jvp formulas
+# Each op is linear in each input (bilinear in two), except na2d_fused: its logits
+# S = scale q.k + rpb are, and softmax's tangent is P * (tS - sum(P tS)).
+def _term(name, first, second, *rest):
+    """call(name, first, second, *rest); None where a tangent operand is None (zero)."""
+    return None if first is None or second is None else call(name, first, second, *rest)
+
+
+def _qk_tangent(query, key, t_query, t_key, t_rpb, window):
+    return _sum([_term('na2d_qk', t_query, key, None, *window),
+                 _term('na2d_qk', query, t_key, None, *window),
+                 _bias_term(t_rpb, query, *window)])
+
+
+def _qk_jvp(ctx, t_query, t_key, t_rpb, *_):
+    query, key = ctx.saved_tensors
+    return _qk_tangent(query, key, t_query, t_key, t_rpb, ctx.window)
+
+
+def _bilinear_jvp(name):
+    def jvp(ctx, t_first, t_second, *_):
+        first, second = ctx.saved_tensors
+        return _sum([_term(name, t_first, second, *ctx.window),
+                     _term(name, first, t_second, *ctx.window)])
+
+    return jvp
+
+
+def _rpb_grad_jvp(ctx, t_grad_attn, *_):
+    return call('na2d_rpb_grad', t_grad_attn, *ctx.window)
+
+
+def _fused_jvp(ctx, t_query, t_key, t_value, t_rpb, *_):
+    query, key, value, rpb, out, lse = ctx.saved_tensors
+    kernel_size, dilation, scale = ctx.window
+    window = (kernel_size, dilation)
+    # the probabilities recomputed in float32 (float64), as the create-graph backward does
+    logits = call('na2d_qk', query * scale, key, rpb, *window)
+    p = logits.to(lse.dtype).softmax(-1).to(logits.dtype)
+    t_logits = _qk_tangent(query * scale, key, None if t_query is None else t_query * scale,
+                           t_key, t_rpb, window)
+    t_lse = t_p = None
+    if t_logits is not None:
+        t_lse = (p * t_logits).sum(-1)
+        t_p = p * (t_logits - t_lse[..., None])
+    t_out = _sum([_term('na2d_av', t_p, value, *window),
+                  _term('na2d_av', p, t_value, *window)])
+    return (torch.zeros_like(out) if t_out is None else t_out,
+            torch.zeros_like(lse) if t_lse is None else t_lse.to(lse.dtype))
+
+
+def _refuse_forward_over_forward():
+    # A jvp formula that runs inside another forward-mode level (jvp of jvp, jacfwd of
+    # jacfwd) gave wrong second derivatives (torch 2.13: the saved operands lose the outer
+    # tangents): refuse rather than answer wrongly.
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    from torch._C._functorch import TransformType
+    levels = retrieve_all_functorch_interpreters()
+    if sum(i.key() == TransformType.Jvp for i in levels) > 1:
+        raise NotImplementedError(
+            'nat_mm: forward-mode AD over forward-mode AD (jvp of jvp, jacfwd of jacfwd) '
+            'is not supported by the NA ops; for second derivatives use '
+            'torch.func.hessian (forward over reverse), jacrev of jacrev, or jvp of grad')
+
+
+# ---------------------------------------------------------------- the Functions
+def _operands(inputs, output):
+    return inputs[0], inputs[1]
+
+
+def _fused_operands(inputs, output):
+    return (*inputs[:4], *output)  # query, key, value, rpb, out, lse
+
+
+def _function(name, jvp, jvp_operands):
+    """op ``name`` as an autograd.Function of (its tensor arguments, _Static(the others)):
+    library.py's setup and backward, this jvp (reading the tensors jvp_operands(inputs,
+    output) picks of the op's inputs), a generated vmap rule."""
+    target = op(name)
+    setup, backward = library.AUTOGRAD_FORMULAS[name]
+
+    def op_inputs(inputs):
+        *tensors, static = inputs
+        return (*tensors, *static.values)
+
+    def setup_context(ctx, inputs, output):
+        setup(ctx, op_inputs(inputs), output)
+        ctx.save_for_forward(*jvp_operands(op_inputs(inputs), output))
+
+    def function_backward(ctx, *grads):
+        return (*backward(ctx, *grads)[:TENSOR_ARGUMENTS[name]], None)
+
+    def function_jvp(ctx, *tangents):
+        _refuse_forward_over_forward()
+        return jvp(ctx, *tangents[:-1])
+
+    return type(f'{name}_function', (torch.autograd.Function, ), {
+        'generate_vmap_rule': True,
+        'forward': staticmethod(lambda *inputs: target(*op_inputs(inputs))),
+        'setup_context': staticmethod(setup_context),
+        'backward': staticmethod(function_backward),
+        'jvp': staticmethod(function_jvp),
+    })
+
+
+FUNCTIONS = {name: _function(name, *formula) for name, formula in (
+    ('na2d_qk', (_qk_jvp, _operands)),
+    ('na2d_av', (_bilinear_jvp('na2d_av'), _operands)),
+    ('na2d_inverse', (_bilinear_jvp('na2d_inverse'), _operands)),
+    ('na2d_rpb_grad', (_rpb_grad_jvp, lambda inputs, output: ())),
+    ('na2d_fused', (_fused_jvp, _fused_operands)),
+)}
