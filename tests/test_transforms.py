@@ -153,3 +153,15 @@ def test_forward_over_forward_is_refused(nested):
             jvp(lambda a: jvp(f, (a, ), (a, ))[1], (q, ), (q, ))
         else:
             jacfwd(jacfwd(f))(q)
+
+
+def test_transforms_inside_torch_compile_match_eager():
+    # dynamo traces the ops, not their Functions: under grad or jvp the Function runs
+    # outside the graph (a graph break) instead of the op getting no derivative
+    (q, k, v, rpb), (tq, *_) = primals_and_tangents()
+    call = lambda x: na2d(x, k, v, KERNEL, DILATION, rpb=rpb)  # noqa: E731
+    loss = lambda x: call(x).pow(2).sum()  # noqa: E731
+    compiled_jvp = torch.compile(lambda x, t: jvp(call, (x, ), (t, ))[1], backend='aot_eager')
+    torch.testing.assert_close(compiled_jvp(q, tq), jvp(call, (q, ), (tq, ))[1])
+    compiled_grad = torch.compile(lambda x: grad(loss)(x), backend='aot_eager')
+    torch.testing.assert_close(compiled_grad(q), grad(loss)(q))

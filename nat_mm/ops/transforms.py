@@ -28,9 +28,8 @@ def _has_tangent(t: Tensor) -> bool:
 
 
 def needs_function(args: Sequence) -> bool:
-    """Whether the ops must run through their autograd.Functions for these arguments."""
-    if torch.compiler.is_compiling():
-        return False
+    """Whether the ops must run through their autograd.Functions for these arguments
+    (eager)."""
     if torch._C._are_functorch_transforms_active():
         return True
     # dual tensors exist only inside a forward_ad.dual_level (the check per tensor costs)
@@ -40,10 +39,32 @@ def needs_function(args: Sequence) -> bool:
 
 def call(name: str, *args):
     """Op ``name`` on ``args``: through its autograd.Function where needs_function says so."""
+    if torch.compiler.is_compiling():
+        # dynamo traces the op, not the Functions: under torch.func's grad or jvp inside a
+        # compiled region the op alone would get no derivative (jvp gave zero tangents),
+        # so the Function runs outside the graph there (a graph break)
+        return _function_outside_the_graph(name, *args) if _differentiating() else \
+            op(name)(*args)
     if needs_function(args):
-        count = TENSOR_ARGUMENTS[name]
-        return FUNCTIONS[name].apply(*args[:count], _Static(args[count:]))
+        return _function_call(name, *args)
     return op(name)(*args)
+
+
+def _function_call(name: str, *args):
+    count = TENSOR_ARGUMENTS[name]
+    return FUNCTIONS[name].apply(*args[:count], _Static(args[count:]))
+
+
+_function_outside_the_graph = torch.compiler.disable(_function_call)
+
+
+@torch.compiler.assume_constant_result
+def _differentiating() -> bool:
+    """Whether a torch.func grad or jvp transform is active (read while dynamo traces)."""
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    return any(i.key() in (TransformType.Grad, TransformType.Jvp)
+               for i in retrieve_all_functorch_interpreters())
 
 
 # the leading arguments of each op that are tensors (or None); the rest are static
