@@ -1,5 +1,6 @@
 """Calls of every ``nat_mm`` op, shared by the CPU tests (test_ops.py) and the CUDA tests
-(test_cuda_ops.py): opcheck's samples and the double-backward checks."""
+(test_cuda_ops.py): opcheck's samples and the double-backward checks; and calls of the
+public functions, shared by the tests of torch's transforms (autocast, vmap, torch.func)."""
 import warnings
 
 import torch
@@ -10,6 +11,18 @@ from nat_mm.ops.library import op
 
 def _leaf(t):
     return t.detach().clone().requires_grad_()
+
+
+def public_calls(kernel_size, dilation):
+    """{name: fn(query, key, value, rpb)} for each public function (na2d_av of the softmax
+    of na2d_qk)."""
+    return {
+        'na2d': lambda q, k, v, rpb: na2d(q, k, v, kernel_size, dilation, rpb=rpb),
+        'na2d_qk': lambda q, k, v, rpb: na2d_qk(q, k, kernel_size, dilation, rpb=rpb),
+        'na2d_av': lambda q, k, v, rpb: na2d_av(
+            na2d_qk(q, k, kernel_size, dilation, rpb=rpb).softmax(-1), v, kernel_size,
+            dilation),
+    }
 
 
 def opcheck_samples(q, k, v, rpb, weights, grad_out, ks, dil):

@@ -4,6 +4,7 @@ import torch
 
 from nat_mm.ops import na2d, na2d_av, na2d_qk
 from nat_mm.ops.library import op
+from op_samples import public_calls
 
 KERNEL, DILATION = (3, 5), (2, 1)
 LOW_DTYPES = [torch.bfloat16, torch.float16]
@@ -25,13 +26,7 @@ def cast_leaves(tensors, dtype):
     return [t.detach().to(dtype).requires_grad_() for t in tensors]
 
 
-# each public function, called as fn(q, k, v, rpb)
-PUBLIC_CALLS = {
-    'na2d': lambda q, k, v, rpb: na2d(q, k, v, KERNEL, DILATION, rpb=rpb),
-    'na2d_qk': lambda q, k, v, rpb: na2d_qk(q, k, KERNEL, DILATION, rpb=rpb),
-    'na2d_av': lambda q, k, v, rpb: na2d_av(
-        na2d_qk(q, k, KERNEL, DILATION, rpb=rpb).softmax(-1), v, KERNEL, DILATION),
-}
+PUBLIC_CALLS = public_calls(KERNEL, DILATION)
 
 
 @pytest.mark.parametrize('dtype', LOW_DTYPES, ids=str)

@@ -7,20 +7,13 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch.func import grad, hessian, jacfwd, jacrev, jvp, vmap
 
-from nat_mm.ops import na2d, na2d_av, na2d_qk
+from nat_mm.ops import na2d
 from nat_mm.ops.reference import na2d_av_reference, na2d_qk_reference, na2d_reference
+from op_samples import public_calls
 
 KERNEL, DILATION = (3, 5), (2, 1)
 
-# each public function of (q, k, v, rpb)
-PUBLIC_CALLS = {
-    'na2d': lambda q, k, v, rpb: na2d(q, k, v, KERNEL, DILATION, rpb=rpb),
-    'na2d_qk': lambda q, k, v, rpb: na2d_qk(q, k, KERNEL, DILATION, rpb=rpb),
-    'na2d_av': lambda q, k, v, rpb: na2d_av(
-        na2d_qk(q, k, KERNEL, DILATION, rpb=rpb).softmax(-1), v, KERNEL, DILATION),
-}
-
-
+PUBLIC_CALLS = public_calls(KERNEL, DILATION)
 DEVICES = ['cpu', pytest.param('cuda', marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason='needs a CUDA GPU'))]
 

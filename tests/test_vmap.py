@@ -5,21 +5,16 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from nat_mm.ops import na2d, na2d_av, na2d_qk
+from nat_mm.ops import na2d
 from nat_mm.ops.library import SCHEMAS, op
-from op_samples import opcheck_samples
+from op_samples import opcheck_samples, public_calls
 
 N, KERNEL, DILATION = 3, (3, 5), (2, 1)
 MAP = (2, 2, 9, 11, 8)  # [B, heads, H, W, D]
 BIAS = (2, 5, 9)
 
-# each public function, called as fn(q, k, v, rpb)
-PUBLIC_CALLS = {
-    'na2d': lambda q, k, v, rpb: na2d(q, k, v, KERNEL, DILATION, rpb=rpb),
-    'na2d_qk': lambda q, k, v, rpb: na2d_qk(q, k, KERNEL, DILATION, rpb=rpb),
-    'na2d_av': lambda q, k, v, rpb: na2d_av(
-        na2d_qk(q, k, KERNEL, DILATION, rpb=rpb).softmax(-1), v, KERNEL, DILATION),
-}
+PUBLIC_CALLS = public_calls(KERNEL, DILATION)
+
 # (q, k, v, rpb) vmapped dims: all at 0; shared key and bias, value vmapped at dim 2;
 # only the bias vmapped (an ensemble of biases)
 IN_DIMS = [(0, 0, 0, 0), (0, None, 2, None), (None, None, None, 0)]
