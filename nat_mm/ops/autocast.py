@@ -12,7 +12,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .library import NAMESPACE, op
+from .library import NAMESPACE, autocast_active, op
 
 _CASTABLE = (torch.float32, torch.float16, torch.bfloat16)
 # the forward ops users call; the backward ops take float32 statistics (lse) as they are
@@ -24,8 +24,7 @@ def autocast_inputs(tensors: Sequence[Optional[Tensor]]) -> Tuple[Optional[Tenso
     """``tensors`` cast to the autocast dtype of their device's enabled autocast region;
     unchanged outside one (None and non-tensors pass through)."""
     device = next((t.device.type for t in tensors if isinstance(t, Tensor)), None)
-    if (device is None or not torch.amp.is_autocast_available(device)
-            or not torch.is_autocast_enabled(device)):
+    if device is None or not autocast_active(device):
         return tuple(tensors)
     dtype = torch.get_autocast_dtype(device)
     return tuple(t.to(dtype) if isinstance(t, Tensor) and t.dtype in _CASTABLE else t

@@ -58,6 +58,12 @@ def call(name: str, *args):
     return transforms.call(name, *args)
 
 
+def autocast_active(device_type: str) -> bool:
+    """Whether an enabled torch.autocast region covers this device type."""
+    return (torch.amp.is_autocast_available(device_type)
+            and torch.is_autocast_enabled(device_type))
+
+
 def kernel_layout(map_: torch.Tensor, saved_for_backward: bool = False) -> torch.Tensor:
     """A [B, heads, H, W, C] map in the layout its device's kernels read best.
 
@@ -222,7 +228,7 @@ def _outside_autocast(backward):
     @functools.wraps(backward)
     def run(ctx, *grads):
         device = next((g.device.type for g in grads if g is not None), 'cpu')
-        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        if autocast_active(device):
             with torch.autocast(device, enabled=False):
                 return backward(ctx, *grads)
         return backward(ctx, *grads)

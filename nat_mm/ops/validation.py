@@ -10,6 +10,8 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor
 
+from .library import autocast_active
+
 IntOrPair = Union[int, Sequence[int]]
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -58,11 +60,10 @@ def check_tensor(x, name: str, rank: int, layout: str) -> None:
 
 def _autocast_note(device: torch.device) -> str:
     # the public functions cast under autocast before these checks (autocast.py)
-    kind = device.type
-    if not torch.amp.is_autocast_available(kind) or not torch.is_autocast_enabled(kind):
+    if not autocast_active(device.type):
         return ''
     return (f' (inside torch.autocast, float32/float16/bfloat16 inputs were cast to '
-            f'{torch.get_autocast_dtype(kind)}; float64 ones are left as they are)')
+            f'{torch.get_autocast_dtype(device.type)}; float64 ones are left as they are)')
 
 
 def check_same(reference: Tensor, ref_name: str, other: Tensor, name: str) -> None:
