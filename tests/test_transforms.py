@@ -1,13 +1,15 @@
 """torch.func transforms and forward-mode AD over the public NA functions (the ops'
-autograd.Functions, nat_mm/ops/transforms.py): grad, jacrev, hessian, vmap of grad, jvp,
+autograd.Functions, nat_mm/ops/autograd.py): grad, jacrev, hessian, vmap of grad, jvp,
 jacfwd, dual tensors, against the pure-PyTorch reference and against reverse mode through
-the compiled kernels; forward over forward is refused."""
+the compiled kernels; forward over forward is refused; direct torch.ops calls carry dual
+tensors' tangents and are refused, with the fix, under torch.func's grad and jvp."""
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch.func import grad, hessian, jacfwd, jacrev, jvp, vmap
 
 from nat_mm.ops import na2d
+from nat_mm.ops.library import op
 from nat_mm.ops.reference import na2d_av_reference, na2d_qk_reference, na2d_reference
 from op_samples import public_calls
 
@@ -65,6 +67,59 @@ def test_dual_tensors_and_jacfwd():
     torch.testing.assert_close(torch.func.jacfwd(f)(small[0]),
                                torch.autograd.functional.jacobian(f, small[0]),
                                atol=1e-10, rtol=1e-8)
+
+
+def direct_calls(q, k, v, rpb):
+    """{op name: (fn of the tensor arguments, those tensors)} for every differentiable op
+    called through torch.ops (the fused op's lse output included)."""
+    window = (list(KERNEL), list(DILATION))
+    attn = op('na2d_qk')(q, k, rpb, *window)
+    return {
+        'na2d_qk': (lambda a, b, c: op('na2d_qk')(a, b, c, *window), (q, k, rpb)),
+        'na2d_av': (lambda a, b: op('na2d_av')(a, b, *window), (attn, v)),
+        'na2d_inverse': (lambda a, b: op('na2d_inverse')(a, b, *window), (attn, v)),
+        'na2d_rpb_grad': (lambda a: op('na2d_rpb_grad')(a, *window), (attn, )),
+        'na2d_fused': (lambda *t: torch.cat([x.flatten() for x in op('na2d_fused')(
+            *t, *window, 0.5)]), (q, k, v, rpb)),  # lse too
+    }
+
+
+@pytest.mark.parametrize('name', ['na2d_qk', 'na2d_av', 'na2d_inverse', 'na2d_rpb_grad',
+                                  'na2d_fused'])
+def test_direct_op_calls_carry_dual_tangents(name):
+    # the ops' Autograd kernels apply their Functions to dual tensors (before: the
+    # tangents were dropped without an error)
+    primals, _ = primals_and_tangents()
+    fn, inputs = direct_calls(*primals)[name]
+    gen = torch.Generator().manual_seed(3)
+    tangents = [torch.randn(x.shape, generator=gen, dtype=x.dtype) for x in inputs]
+    with fwAD.dual_level():
+        out = fn(*(fwAD.make_dual(x, t) for x, t in zip(inputs, tangents)))
+        tangent = fwAD.unpack_dual(out).tangent
+    _, expected = torch.autograd.functional.jvp(fn, inputs, tuple(tangents))
+    assert expected.abs().max() > 0.1
+    torch.testing.assert_close(tangent, expected, atol=1e-10, rtol=1e-8)
+
+
+@pytest.mark.parametrize('name', ['na2d_qk', 'na2d_av', 'na2d_inverse', 'na2d_rpb_grad',
+                                  'na2d_fused'])
+def test_direct_op_calls_gradcheck_in_both_modes(name):
+    # numerical derivatives against reverse mode and forward mode (the fused op's lse
+    # output included: its gradient takes the composite backward)
+    primals, _ = primals_and_tangents()
+    fn, inputs = direct_calls(*primals)[name]
+    inputs = [x.detach().requires_grad_() for x in inputs]
+    assert torch.autograd.gradcheck(fn, inputs, check_forward_ad=True, fast_mode=True)
+
+
+@pytest.mark.parametrize('transform', ['grad', 'jvp'])
+def test_direct_op_calls_under_torch_func_name_the_fix(transform):
+    (q, k, v, rpb), _ = primals_and_tangents()
+    fn, _ = direct_calls(q, k, v, rpb)['na2d_fused']
+    loss = lambda x: fn(x, k, v, rpb).sum()  # noqa: E731
+    with pytest.raises(RuntimeError, match=r'na2d_fused was called directly under a '
+                       r'torch\.func transform .* nat_mm\.ops\.na2d'):
+        grad(loss)(q) if transform == 'grad' else jvp(loss, (q, ), (q, ))
 
 
 def test_jvp_of_vmap_and_vmap_inside_a_dual_level():

@@ -2,7 +2,8 @@
 
     from nat_mm.ops import na2d, na2d_qk, na2d_av, backend_info
 """
-from . import library  # defines the op schemas, fake kernels and autograd
+from . import library  # defines the op schemas, fake kernels and autograd formulas
+from . import autograd  # Autograd kernels: the ops' autograd.Functions
 from . import autocast  # Autocast kernels: the ops run in the autocast dtype
 from . import extension
 from . import vmap  # batching rules: torch.func.vmap runs each op once

@@ -6,7 +6,7 @@ from torch import Tensor
 
 from .autocast import autocast_inputs
 from .library import kernel_layout
-from .transforms import call
+from .autograd import call
 from .validation import IntOrPair, check_av, check_na2d, check_qk
 
 

@@ -13,8 +13,9 @@ Ops (all tensors heads-first ``[B, heads, H, W, ...]``):
   na2d_fused(query, key, value, rpb?, kernel_size, dilation, scale) -> (out, lse)
   na2d_fused_backward(grad_out, query, key, value, rpb?, out, lse, kernel_size,
                       dilation, scale) -> (grad_query, grad_key, grad_value, grad_rpb)
-``lse`` (the log-sum-exp of each query's logits) is float32 (float64 for float64 input).
-The autograd formulas here serve torch.func transforms too, through transforms.py.
+``lse`` (the log-sum-exp of each query's logits) is float32 (float64 for float64 input);
+na2d_fused's autograd differentiates it too (for direct callers; na2d discards it).
+The autograd formulas here are the backward of each op's autograd.Function (autograd.py).
 """
 import functools
 
@@ -52,10 +53,9 @@ def op(name: str):
 
 
 def call(name: str, *args):
-    """Op ``name`` as the autograd formulas call it: through its autograd.Function while
-    a torch.func transform or forward-mode AD is in play (transforms.py), else directly."""
-    from . import transforms  # (transforms imports this module)
-    return transforms.call(name, *args)
+    """Op ``name`` as the autograd formulas call it (autograd.call)."""
+    from . import autograd  # (autograd imports this module)
+    return autograd.call(name, *args)
 
 
 def autocast_active(device_type: str) -> bool:
@@ -157,6 +157,9 @@ def _av_backward(ctx, grad_out):
 def _fused_setup(ctx, inputs, output):
     query, key, value, rpb, kernel_size, dilation, scale = inputs
     out, lse = output
+    # an unused output's gradient comes as None, not zeros: the fused backward kernel has
+    # no lse term, so a gradient of lse (na2d_fused called directly) takes the composite
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(query, key, value, rpb, out, lse)
     ctx.window = (kernel_size, dilation, scale)
 
@@ -164,12 +167,15 @@ def _fused_setup(ctx, inputs, output):
 def _fused_backward(ctx, grad_out, grad_lse):
     query, key, value, rpb, out, lse = ctx.saved_tensors
     kernel_size, dilation, scale = ctx.window
-    grad_out = kernel_layout(grad_out)
-    if torch.is_grad_enabled():
+    if grad_out is None and grad_lse is None:  # (neither output used)
+        return (None, ) * 7
+    if grad_out is not None:
+        grad_out = kernel_layout(grad_out)
+    if torch.is_grad_enabled() or grad_lse is not None:
         # backward(create_graph=True): the fused backward kernel has no derivative of its
         # own, so the gradients are built from the differentiable unfused ops instead
-        grads = _fused_grads_differentiable(grad_out, query, key, value, rpb, kernel_size,
-                                            dilation, scale)
+        grads = _fused_grads_differentiable(grad_out, grad_lse, query, key, value, rpb,
+                                            kernel_size, dilation, scale)
     else:
         grads = op('na2d_fused_backward')(grad_out, query, key, value, rpb, out, lse,
                                           kernel_size, dilation, scale)
@@ -179,20 +185,27 @@ def _fused_backward(ctx, grad_out, grad_lse):
     return grad_q, grad_k, grad_v, grad_rpb, None, None, None
 
 
-def _fused_grads_differentiable(grad_out, query, key, value, rpb, kernel_size, dilation,
-                                scale):
+def _fused_grads_differentiable(grad_out, grad_lse, query, key, value, rpb, kernel_size,
+                                dilation, scale):
     """The fused op's (grad_query, grad_key, grad_value, grad_rpb) from na2d_qk, na2d_av,
     na2d_inverse and na2d_rpb_grad, whose autograd formulas make the result
     differentiable again (double backward: gradient penalties, Hessian-vector products).
-    The attention map is materialized; the softmax runs in float32 or float64."""
-    logits = call('na2d_qk', query * scale, key, rpb, kernel_size, dilation)
+    The attention map is materialized; the softmax runs in float32 or float64. Either
+    output gradient may be None (unused)."""
+    window = (kernel_size, dilation)
+    logits = call('na2d_qk', query * scale, key, rpb, *window)
     p = logits.to(lse_dtype(logits.dtype)).softmax(-1).to(logits.dtype)
-    dp = call('na2d_qk', grad_out, value, None, kernel_size, dilation)
-    ds = p * (dp - (p * dp).sum(-1, keepdim=True))
-    return (call('na2d_av', ds, key, kernel_size, dilation) * scale,
-            call('na2d_inverse', ds, query, kernel_size, dilation) * scale,
-            call('na2d_inverse', p, grad_out, kernel_size, dilation),
-            call('na2d_rpb_grad', ds, kernel_size, dilation) if rpb is not None else None)
+    ds = torch.zeros_like(p)  # the logits' gradient
+    grad_value = torch.zeros_like(value)
+    if grad_out is not None:
+        dp = call('na2d_qk', grad_out, value, None, *window)
+        ds = p * (dp - (p * dp).sum(-1, keepdim=True))
+        grad_value = call('na2d_inverse', p, grad_out, *window)
+    if grad_lse is not None:  # d lse / d logits = p
+        ds = ds + p * grad_lse.to(p.dtype)[..., None]
+    return (call('na2d_av', ds, key, *window) * scale,
+            call('na2d_inverse', ds, query, *window) * scale, grad_value,
+            call('na2d_rpb_grad', ds, *window) if rpb is not None else None)
 
 
 # na2d_inverse and na2d_rpb_grad serve the backward of the ops above; their own formulas
@@ -236,8 +249,8 @@ def _outside_autocast(backward):
     return run
 
 
-# name: (setup_context, backward) of each differentiable op; transforms.py gives the same
-# formulas to the autograd.Functions that torch.func transforms need
+# name: (setup_context, backward) of each differentiable op, the formulas of the ops'
+# autograd.Functions (autograd.py)
 AUTOGRAD_FORMULAS = {
     'na2d_qk': (_save_operands, _outside_autocast(_qk_backward)),
     'na2d_av': (_save_operands, _outside_autocast(_av_backward)),
@@ -245,5 +258,3 @@ AUTOGRAD_FORMULAS = {
     'na2d_inverse': (_save_operands, _outside_autocast(_inverse_backward)),
     'na2d_rpb_grad': (_rpb_grad_setup, _outside_autocast(_rpb_grad_backward)),
 }
-for _name, (_setup, _backward) in AUTOGRAD_FORMULAS.items():
-    torch.library.register_autograd(qualified(_name), _backward, setup_context=_setup)

@@ -1,14 +1,14 @@
-"""torch.func transforms (grad, jacrev, hessian, jvp, jacfwd, and vmap of them) and
-forward-mode AD (``torch.autograd.forward_ad``) over the NA ops.
+"""The NA ops' autograd: one autograd.Function per differentiable op, registered as the
+op's Autograd kernel, so ordinary autograd, torch.func's transforms (grad, jacrev,
+hessian, jvp, jacfwd, and vmap of them), forward-mode AD (``torch.autograd.forward_ad``)
+and torch.compile all differentiate the same Function, whether the public functions or
+``torch.ops.nat_mm`` are called.
 
-The ops' autograd (library.py, ``torch.library.register_autograd``) serves ordinary
-autograd and torch.compile. It does not serve these: in torch 2.13 the autograd.Function
-that register_autograd builds lacks the ``setup_context`` staticmethod functorch requires
-(pytorch/pytorch#170834, #179652), and custom ops have no forward-mode formulas, so
-tangents were dropped without an error. While a functorch transform is active, or an input
-carries a tangent, the ops therefore run through the autograd.Functions below: the same
-setup and backward formulas as library.py, forward-mode (jvp) formulas built from the ops
-themselves, and vmap rules generated from the ops' own (vmap.py).
+Each Function has library.py's setup and backward formulas, forward-mode (jvp) formulas
+built from the ops themselves, and a vmap rule generated from the ops' own (vmap.py).
+``torch.library.register_autograd`` is not used: in torch 2.13 the Function it builds lacks
+the ``setup_context`` staticmethod functorch requires (pytorch/pytorch#170834, #179652),
+and it has no forward-mode formulas, so tangents were dropped without an error.
 """
 from typing import Optional, Sequence
 
@@ -27,25 +27,41 @@ def _has_tangent(t: Tensor) -> bool:
     return fwAD.unpack_dual(t).tangent is not None
 
 
-def needs_function(args: Sequence) -> bool:
-    """Whether the ops must run through their autograd.Functions for these arguments
-    (eager)."""
-    if torch._C._are_functorch_transforms_active():
+def _differentiated(tensors: Sequence) -> bool:
+    """Whether an op call on these tensors must run through its autograd.Function
+    (outside torch.func's transforms)."""
+    if torch.is_grad_enabled() and torch._C._any_requires_grad(*tensors):
         return True
     # dual tensors exist only inside a forward_ad.dual_level (the check per tensor costs)
-    return fwAD._current_level >= 0 and any(
-        isinstance(t, Tensor) and _has_tangent(t) for t in args)
+    return fwAD._current_level >= 0 and torch._C._is_fwd_grad_enabled() and any(
+        isinstance(t, Tensor) and _has_tangent(t) for t in tensors)
+
+
+def _refuse_transform_wrappers(name: str, tensors: Sequence):
+    # torch.func's grad and jvp handle an autograd.Function applied above the dispatcher
+    # (call() below), not one applied inside an Autograd kernel (torch 2.13: "could not
+    # find kernel for HigherOrderOperator custom_function_call"); a direct op call there
+    # would otherwise lose its tangents
+    if any(isinstance(t, Tensor) and torch._C._functorch.is_gradtrackingtensor(t)
+           for t in tensors):
+        raise RuntimeError(
+            f'torch.ops.nat_mm.{name} was called directly under a torch.func transform '
+            '(grad, jacrev, hessian, jvp, jacfwd); call the public functions '
+            'nat_mm.ops.na2d / na2d_qk / na2d_av instead, or '
+            f"nat_mm.ops.autograd.call('{name}', ...) with the op's arguments")
 
 
 def call(name: str, *args):
-    """Op ``name`` on ``args``: through its autograd.Function where needs_function says so."""
+    """Op ``name`` on ``args``, as the public functions and the autograd formulas call it."""
     if torch.compiler.is_compiling():
-        # dynamo traces the op, not the Functions: under torch.func's grad or jvp inside a
+        # dynamo traces the op, not its Function: under torch.func's grad or jvp inside a
         # compiled region the op alone would get no derivative (jvp gave zero tangents),
         # so the Function runs outside the graph there (a graph break)
         return _function_outside_the_graph(name, *args) if _differentiating() else \
             op(name)(*args)
-    if needs_function(args):
+    if torch._C._are_functorch_transforms_active():
+        # functorch's transforms handle a Function applied here, above the dispatcher,
+        # not inside an Autograd kernel
         return _function_call(name, *args)
     return op(name)(*args)
 
@@ -179,6 +195,9 @@ def _function(name, jvp, jvp_operands):
         *tensors, static = inputs
         return (*tensors, *static.values)
 
+    def forward(*inputs):  # (grad and forward grad are off here: the kernel passes on)
+        return target(*op_inputs(inputs))
+
     def setup_context(ctx, inputs, output):
         setup(ctx, op_inputs(inputs), output)
         ctx.save_for_forward(*jvp_operands(op_inputs(inputs), output))
@@ -192,7 +211,7 @@ def _function(name, jvp, jvp_operands):
 
     return type(f'{name}_function', (torch.autograd.Function, ), {
         'generate_vmap_rule': True,
-        'forward': staticmethod(lambda *inputs: target(*op_inputs(inputs))),
+        'forward': staticmethod(forward),
         'setup_context': staticmethod(setup_context),
         'backward': staticmethod(function_backward),
         'jvp': staticmethod(function_jvp),
@@ -206,3 +225,29 @@ FUNCTIONS = {name: _function(name, *formula) for name, formula in (
     ('na2d_rpb_grad', (_rpb_grad_jvp, lambda inputs, output: ())),
     ('na2d_fused', (_fused_jvp, _fused_operands)),
 )}
+
+
+def _autograd_kernel(name):
+    """The Autograd kernel of op ``name``: its Function where the call is differentiated,
+    else the op below autograd."""
+    count, target = TENSOR_ARGUMENTS[name], op(name)
+    # autograd.Function.apply's Python part binds default arguments with inspect.signature
+    # (~10 us a call; the Functions have none) and routes functorch, which this kernel
+    # does not serve: the C++ apply under it does the rest
+    apply = super(torch.autograd.Function, FUNCTIONS[name]).apply
+
+    def kernel(keyset, *args):
+        tensors = args[:count]
+        if torch._C._are_functorch_transforms_active():
+            _refuse_transform_wrappers(name, tensors)
+        if _differentiated(tensors):
+            return apply(*tensors, _Static(args[count:]))
+        with torch._C._AutoDispatchBelowAutograd():
+            return target.redispatch(keyset & torch._C._after_autograd_keyset, *args)
+
+    return kernel
+
+
+_lib = torch.library.Library(library.NAMESPACE, 'IMPL')
+for _name in FUNCTIONS:
+    _lib.impl(_name, _autograd_kernel(_name), 'Autograd', with_keyset=True)
