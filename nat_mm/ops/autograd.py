@@ -56,31 +56,22 @@ def call(name: str, *args):
     if torch.compiler.is_compiling():
         # dynamo traces the op, not its Function: under torch.func's grad or jvp inside a
         # compiled region the op alone would get no derivative (jvp gave zero tangents),
-        # so the Function runs outside the graph there (a graph break)
-        return _function_outside_the_graph(name, *args) if _differentiating() else \
-            op(name)(*args)
+        # so the Function runs outside the graph there (a graph break). (Imported here:
+        # its decorators import torch._dynamo, a second at import time.)
+        from . import compile_support
+        return compile_support.function_outside_the_graph(name, *args) \
+            if compile_support.differentiating() else op(name)(*args)
     if torch._C._are_functorch_transforms_active():
         # functorch's transforms handle a Function applied here, above the dispatcher,
         # not inside an Autograd kernel
-        return _function_call(name, *args)
+        return function_call(name, *args)
     return op(name)(*args)
 
 
-def _function_call(name: str, *args):
+def function_call(name: str, *args):
+    """Op ``name`` applied as its autograd.Function (functorch enters it here)."""
     count = TENSOR_ARGUMENTS[name]
     return FUNCTIONS[name].apply(*args[:count], _Static(args[count:]))
-
-
-_function_outside_the_graph = torch.compiler.disable(_function_call)
-
-
-@torch.compiler.assume_constant_result
-def _differentiating() -> bool:
-    """Whether a torch.func grad or jvp transform is active (read while dynamo traces)."""
-    from torch._C._functorch import TransformType
-    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-    return any(i.key() in (TransformType.Grad, TransformType.Jvp)
-               for i in retrieve_all_functorch_interpreters())
 
 
 # the leading arguments of each op that are tensors (or None); the rest are static
