@@ -3,6 +3,10 @@ autograd.Functions, nat_mm/ops/autograd.py): grad, jacrev, hessian, vmap of grad
 jacfwd, dual tensors, against the pure-PyTorch reference and against reverse mode through
 the compiled kernels; forward over forward is refused; direct torch.ops calls carry dual
 tensors' tangents and are refused, with the fix, under torch.func's grad and jvp."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -213,3 +217,12 @@ def test_transforms_inside_torch_compile_match_eager():
     torch.testing.assert_close(compiled_jvp(q, tq), jvp(call, (q, ), (tq, ))[1])
     compiled_grad = torch.compile(lambda x: grad(loss)(x), backend='aot_eager')
     torch.testing.assert_close(compiled_grad(q), grad(loss)(q))
+
+
+def test_importing_nat_mm_leaves_torch_dynamo_unimported():
+    # the compile-only helpers (ops/compile_support.py) import it, where dynamo traces:
+    # importing it costs about a second
+    code = 'import sys, nat_mm; sys.exit("torch._dynamo" in sys.modules)'
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode == 0, result.stderr or 'import nat_mm imported torch._dynamo'
