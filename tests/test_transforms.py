@@ -126,6 +126,31 @@ def test_direct_op_calls_under_torch_func_name_the_fix(transform):
         grad(loss)(q) if transform == 'grad' else jvp(loss, (q, ), (q, ))
 
 
+@pytest.mark.parametrize('transform', ['grad', 'jvp'])
+def test_direct_op_calls_on_constants_under_torch_func(transform):
+    # inside grad/jvp every tensor is wrapped, constants too: a direct call that nothing
+    # differentiates runs (the refusal above is for differentiated calls only)
+    (q, k, v, rpb), _ = primals_and_tangents()
+    fn, _ = direct_calls(q, k, v, rpb)['na2d_fused']
+
+    def loss(x):
+        return (x * fn(k * 2, k, v.detach(), rpb).sum()).sum()
+
+    constant = fn(k * 2, k, v, rpb).sum()
+    got = grad(loss)(q) if transform == 'grad' else jvp(loss, (q, ), (q, ))[1]
+    expected = torch.full_like(q, constant) if transform == 'grad' else (q * constant).sum()
+    torch.testing.assert_close(got, expected)
+
+
+def test_functionalize_of_the_public_functions():
+    # under vmap and functionalize alone the public functions call the op itself (its
+    # Function is for grad and jvp: functionalize has no rule for it)
+    (q, k, v, rpb), _ = primals_and_tangents()
+    for name, fn in PUBLIC_CALLS.items():
+        torch.testing.assert_close(torch.func.functionalize(fn)(q, k, v, rpb),
+                                   fn(q, k, v, rpb), msg=name)
+
+
 def test_jvp_of_vmap_and_vmap_inside_a_dual_level():
     (q, k, v, rpb), _ = primals_and_tangents()
     qs = torch.stack([q, 2 * q, q.flip(2)])

@@ -40,10 +40,13 @@ def _differentiated(tensors: Sequence) -> bool:
 def _refuse_transform_wrappers(name: str, tensors: Sequence):
     # torch.func's grad and jvp handle an autograd.Function applied above the dispatcher
     # (call() below), not one applied inside an Autograd kernel (torch 2.13: "could not
-    # find kernel for HigherOrderOperator custom_function_call"); a direct op call there
-    # would otherwise lose its tangents
-    if any(isinstance(t, Tensor) and torch._C._functorch.is_gradtrackingtensor(t)
-           for t in tensors):
+    # find kernel for HigherOrderOperator custom_function_call"); a direct op call that
+    # they differentiate would otherwise lose its derivative. (Their constants are
+    # wrapped too: those pass.)
+    wrapped = [t for t in tensors
+               if isinstance(t, Tensor) and torch._C._functorch.is_gradtrackingtensor(t)]
+    if wrapped and ((torch.is_grad_enabled() and torch._C._any_requires_grad(*wrapped))
+                    or any(_has_tangent(t) for t in wrapped)):
         raise RuntimeError(
             f'torch.ops.nat_mm.{name} was called directly under a torch.func transform '
             '(grad, jacrev, hessian, jvp, jacfwd); call the public functions '
@@ -61,11 +64,19 @@ def call(name: str, *args):
         from . import compile_support
         return compile_support.function_outside_the_graph(name, *args) \
             if compile_support.differentiating() else op(name)(*args)
-    if torch._C._are_functorch_transforms_active():
-        # functorch's transforms handle a Function applied here, above the dispatcher,
-        # not inside an Autograd kernel
+    if torch._C._are_functorch_transforms_active() and differentiating():
+        # functorch's grad and jvp handle a Function applied here, above the dispatcher,
+        # not inside an Autograd kernel (vmap and functionalize take the op itself)
         return function_call(name, *args)
     return op(name)(*args)
+
+
+def differentiating() -> bool:
+    """Whether a torch.func grad or jvp transform is active."""
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    return any(i.key() in (TransformType.Grad, TransformType.Jvp)
+               for i in retrieve_all_functorch_interpreters())
 
 
 def function_call(name: str, *args):

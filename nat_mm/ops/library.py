@@ -14,7 +14,9 @@ Ops (all tensors heads-first ``[B, heads, H, W, ...]``):
   na2d_fused_backward(grad_out, query, key, value, rpb?, out, lse, kernel_size,
                       dilation, scale) -> (grad_query, grad_key, grad_value, grad_rpb)
 ``lse`` (the log-sum-exp of each query's logits) is float32 (float64 for float64 input);
-na2d_fused's autograd differentiates it too (for direct callers; na2d discards it).
+na2d_fused's autograd differentiates it too (for direct callers; na2d discards it), through
+the composite backward, which stores the attention map. torch.compile gives every output
+of a compiled region a gradient, so a region that returns lse takes that backward too.
 The autograd formulas here are the backward of each op's autograd.Function (autograd.py).
 """
 import functools
