@@ -11,7 +11,7 @@ forward and forward+backward for:
 plus the peak extra memory of each (a fresh subprocess per case, ru_maxrss). Ratios are to
 swin_sdpa of the same shape and pass, measured in this run.
 
-    python tools/benchmark_ops.py                     # the three NAT shapes, markdown
+    python tools/benchmark_ops.py                     # the four NAT-Tiny shapes, markdown
     python tools/benchmark_ops.py --json out.json --plot docs/na_vs_window.png
 """
 import argparse
