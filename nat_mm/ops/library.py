@@ -174,8 +174,8 @@ def _fused_backward(ctx, grad_out, grad_lse):
     if grad_out is not None:
         grad_out = kernel_layout(grad_out)
     if torch.is_grad_enabled() or grad_lse is not None:
-        # backward(create_graph=True): the fused backward kernel has no derivative of its
-        # own, so the gradients are built from the differentiable unfused ops instead
+        # backward(create_graph=True), or lse's gradient: the fused backward kernel has no
+        # derivative of its own and no lse term, so the unfused ops build the gradients
         grads = _fused_grads_differentiable(grad_out, grad_lse, query, key, value, rpb,
                                             kernel_size, dilation, scale)
     else:
@@ -197,7 +197,7 @@ def _fused_grads_differentiable(grad_out, grad_lse, query, key, value, rpb, kern
     window = (kernel_size, dilation)
     logits = call('na2d_qk', query * scale, key, rpb, *window)
     p = logits.to(lse_dtype(logits.dtype)).softmax(-1).to(logits.dtype)
-    ds = torch.zeros_like(p)  # the logits' gradient
+    ds = 0  # the logits' gradient
     grad_value = torch.zeros_like(value)
     if grad_out is not None:
         dp = call('na2d_qk', grad_out, value, None, *window)
