@@ -164,6 +164,11 @@ def test_jvp_of_vmap_and_vmap_inside_a_dual_level():
     with fwAD.dual_level():  # no tangent anywhere: the kernels, under vmap
         torch.testing.assert_close(torch.func.vmap(call)(qs),
                                    torch.stack([call(x) for x in qs]))
+        # dual tensors under vmap: the batching rule's op call carries their tangents
+        got = fwAD.unpack_dual(torch.func.vmap(call)(fwAD.make_dual(qs, tangents))).tangent
+    for i in range(len(qs)):
+        _, expected = torch.autograd.functional.jvp(call, qs[i], tangents[i])
+        torch.testing.assert_close(got[i], expected, atol=1e-10, rtol=1e-8)
 
 
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16], ids=str)
