@@ -116,6 +116,18 @@ def test_direct_op_calls_gradcheck_in_both_modes(name):
     assert torch.autograd.gradcheck(fn, inputs, check_forward_ad=True, fast_mode=True)
 
 
+def test_lse_alone_double_backward():
+    # a gradient of lse alone: value gets none (lse does not depend on it), and the
+    # create-graph backward is differentiable again
+    (q, k, v, rpb), _ = primals_and_tangents()
+    small = [x[..., :6, :7, :] for x in (q, k, v)]
+    inputs = [x.detach().requires_grad_() for x in (*small, rpb)]
+    lse = lambda *t: op('na2d_fused')(*t, KERNEL, DILATION, 0.5)[1]  # noqa: E731
+    grads = torch.autograd.grad(lse(*inputs).sum(), inputs, allow_unused=True)
+    assert grads[2] is None and all(g is not None for g in grads[:2] + grads[3:])
+    assert torch.autograd.gradgradcheck(lse, inputs, fast_mode=True)
+
+
 @pytest.mark.parametrize('transform', ['grad', 'jvp'])
 def test_direct_op_calls_under_torch_func_name_the_fix(transform):
     (q, k, v, rpb), _ = primals_and_tangents()

@@ -193,12 +193,11 @@ def _fused_grads_differentiable(grad_out, grad_lse, query, key, value, rpb, kern
     na2d_inverse and na2d_rpb_grad, whose autograd formulas make the result
     differentiable again (double backward: gradient penalties, Hessian-vector products).
     The attention map is materialized; the softmax runs in float32 or float64. Either
-    output gradient may be None (unused)."""
+    output gradient may be None (unused); without grad_out, grad_value is None."""
     window = (kernel_size, dilation)
     logits = call('na2d_qk', query * scale, key, rpb, *window)
     p = logits.to(lse_dtype(logits.dtype)).softmax(-1).to(logits.dtype)
-    ds = 0  # the logits' gradient
-    grad_value = torch.zeros_like(value)
+    ds, grad_value = 0, None  # (lse does not depend on value)
     if grad_out is not None:
         dp = call('na2d_qk', grad_out, value, None, *window)
         ds = p * (dp - (p * dp).sum(-1, keepdim=True))
