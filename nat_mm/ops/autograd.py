@@ -28,8 +28,8 @@ def _has_tangent(t: Tensor) -> bool:
 
 
 def _differentiated(tensors: Sequence) -> bool:
-    """Whether an op call on these tensors must run through its autograd.Function
-    (outside torch.func's transforms)."""
+    """Whether an op call on these tensors is differentiated: grad needed, or a tangent
+    (a dual tensor's, or a torch.func jvp wrapper's) on one of them."""
     if torch.is_grad_enabled() and torch._C._any_requires_grad(*tensors):
         return True
     # dual tensors exist only inside a forward_ad.dual_level (the check per tensor costs)
@@ -45,8 +45,7 @@ def _refuse_transform_wrappers(name: str, tensors: Sequence):
     # wrapped too: those pass.)
     wrapped = [t for t in tensors
                if isinstance(t, Tensor) and torch._C._functorch.is_gradtrackingtensor(t)]
-    if wrapped and ((torch.is_grad_enabled() and torch._C._any_requires_grad(*wrapped))
-                    or any(_has_tangent(t) for t in wrapped)):
+    if wrapped and _differentiated(wrapped):
         raise RuntimeError(
             f'torch.ops.nat_mm.{name} was called directly under a torch.func transform '
             '(grad, jacrev, hessian, jvp, jacfwd); call the public functions '
