@@ -147,9 +147,7 @@ def _fused_jvp(ctx, t_query, t_key, t_value, t_rpb, *_):
     query, key, value, rpb, out, lse = ctx.saved_tensors
     kernel_size, dilation, scale = ctx.window
     window = (kernel_size, dilation)
-    # the probabilities recomputed in float32 (float64), as the create-graph backward does
-    logits = call('na2d_qk', query * scale, key, rpb, *window)
-    p = logits.to(lse.dtype).softmax(-1).to(logits.dtype)
+    p = library.attention_probabilities(query, key, rpb, window, scale)
     t_logits = _qk_tangent(query * scale, key, None if t_query is None else t_query * scale,
                            t_key, t_rpb, window)
     t_lse = t_p = None

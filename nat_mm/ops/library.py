@@ -187,6 +187,13 @@ def _fused_backward(ctx, grad_out, grad_lse):
     return grad_q, grad_k, grad_v, grad_rpb, None, None, None
 
 
+def attention_probabilities(query, key, rpb, window, scale):
+    """The fused op's attention map, recomputed by the differentiable unfused op; the
+    softmax runs in float32 (float64 for float64 input), as the kernels' does."""
+    logits = call('na2d_qk', query * scale, key, rpb, *window)
+    return logits.to(lse_dtype(logits.dtype)).softmax(-1).to(logits.dtype)
+
+
 def _fused_grads_differentiable(grad_out, grad_lse, query, key, value, rpb, kernel_size,
                                 dilation, scale):
     """The fused op's (grad_query, grad_key, grad_value, grad_rpb) from na2d_qk, na2d_av,
@@ -195,8 +202,7 @@ def _fused_grads_differentiable(grad_out, grad_lse, query, key, value, rpb, kern
     The attention map is materialized; the softmax runs in float32 or float64. Either
     output gradient may be None (unused); without grad_out, grad_value is None."""
     window = (kernel_size, dilation)
-    logits = call('na2d_qk', query * scale, key, rpb, *window)
-    p = logits.to(lse_dtype(logits.dtype)).softmax(-1).to(logits.dtype)
+    p = attention_probabilities(query, key, rpb, window, scale)
     ds, grad_value = 0, None  # (lse does not depend on value)
     if grad_out is not None:
         dp = call('na2d_qk', grad_out, value, None, *window)
