@@ -9,7 +9,7 @@ from torch import nn
 from nat_mm.models import DiNAT, NAT
 from nat_mm.models.attention import NeighborhoodAttention
 from nat_mm.models.presets import DILATION_PRESETS, resolve_dilations
-from nat_mm.ops import na2d_av_reference, na2d_qk_reference
+from attention_reference import upstream_attention
 from test_backbone_utils import TINY_KWARGS, padded_dinat
 
 warnings.filterwarnings('ignore', message='nat_mm: ', category=RuntimeWarning)
@@ -147,22 +147,6 @@ def test_outputs_are_normed_pre_downsample_levels():
 
 
 # ---------------------------------------------------------------- attention math
-def upstream_attention(layer: NeighborhoodAttention, x: torch.Tensor) -> torch.Tensor:
-    """Upstream NAT: pad, qkv, q * scale, qk + rpb, softmax, av, crop, proj (reference
-    ops)."""
-    b, h, w, c = x.shape
-    win = layer.kernel_size * layer.dilation
-    x = nn.functional.pad(x, (0, 0, 0, max(0, win - w), 0, max(0, win - h)))
-    hp, wp = x.shape[1:3]
-    qkv = layer.qkv(x).reshape(b, hp, wp, 3, layer.num_heads, c // layer.num_heads)
-    q, k, v = qkv.permute(3, 0, 4, 1, 2, 5)
-    pair = (layer.kernel_size, ) * 2
-    dil = (layer.dilation, ) * 2
-    attn = na2d_qk_reference(q * layer.scale, k, pair, dil, layer.rpb).softmax(-1)
-    out = na2d_av_reference(attn, v, pair, dil).permute(0, 2, 3, 1, 4).reshape(b, hp, wp, c)
-    return layer.proj(out[:, :h, :w])
-
-
 @pytest.mark.parametrize('size,dilation', [((9, 10), 1), ((4, 6), 1), ((3, 5), 2),
                                             ((10, 12), 2)])
 def test_attention_matches_upstream_math_incl_padding(size, dilation):

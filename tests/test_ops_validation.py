@@ -52,6 +52,18 @@ def test_wrong_rank(shape):
         na2d(q, q, q, 3)
 
 
+@pytest.mark.filterwarnings('ignore:The PyTorch API of nested tensors')
+def test_nested_tensors_are_refused_by_name():
+    q, k, v = qkv()
+    nested = torch.nested.nested_tensor([q[0], q[0, :, :7]])
+    attn = torch.nested.nested_tensor([torch.randn(2, 10, 12, 9)] * 2)
+    for call, name in ((lambda: na2d(q, nested, v, 3), 'key'),
+                       (lambda: na2d_qk(nested, k, 3), 'query'),
+                       (lambda: na2d_av(attn, v, 3), 'attn')):
+        with pytest.raises(TypeError, match=f'{name} is a nested tensor'):
+            call()
+
+
 def test_shape_mismatch():
     q, k, v = qkv()
     with pytest.raises(ValueError, match='key must have the shape of query'):

@@ -1,9 +1,12 @@
 """The neighborhood-attention layer of NAT / DiNAT (parameter names as upstream)."""
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from nat_mm.ops import na2d, na2d_av, na2d_qk
+from nat_mm.ops.validation import IntOrPair, check_dilation, check_kernel_size
 
 
 def _exporting() -> bool:
@@ -23,24 +26,33 @@ class NeighborhoodAttention(nn.Module):
     Input and output are channels-last [B, H, W, C]. A map smaller than
     kernel_size * dilation is zero-padded bottom/right before the qkv projection and
     cropped afterwards (NATTEN <= 0.15 behaviour), so any input size works.
+    ``kernel_size`` and ``dilation`` are ints or (h, w) pairs; ``rel_pos_bias=False``
+    leaves out the bias (no ``rpb`` parameter); ``qk_scale`` replaces head_dim ** -0.5.
     """
 
-    def __init__(self, embed_dims: int, num_heads: int, kernel_size: int = 7,
-                 dilation: int = 1, qkv_bias: bool = True, attn_drop_rate: float = 0.,
-                 proj_drop_rate: float = 0.):
+    def __init__(self, embed_dims: int, num_heads: int, kernel_size: IntOrPair = 7,
+                 dilation: IntOrPair = 1, qkv_bias: bool = True,
+                 attn_drop_rate: float = 0., proj_drop_rate: float = 0.,
+                 rel_pos_bias: bool = True, qk_scale: Optional[float] = None):
         super().__init__()
         if embed_dims % num_heads:
             raise ValueError(f'embed_dims ({embed_dims}) must be divisible by num_heads '
                              f'({num_heads})')
         self.num_heads = num_heads
         self.head_dims = embed_dims // num_heads
-        self.scale = self.head_dims ** -0.5
+        self.scale = self.head_dims ** -0.5 if qk_scale is None else qk_scale
         self.kernel_size = kernel_size
         self.dilation = dilation
+        kernel_hw, dilation_hw = check_kernel_size(kernel_size), check_dilation(dilation)
+        # the smallest map the ops accept, per axis; smaller inputs are padded up to it
+        self.window = tuple(k * d for k, d in zip(kernel_hw, dilation_hw))
         self.qkv = nn.Linear(embed_dims, embed_dims * 3, bias=qkv_bias)
-        self.rpb = nn.Parameter(torch.zeros(num_heads, 2 * kernel_size - 1,
-                                            2 * kernel_size - 1))
-        nn.init.trunc_normal_(self.rpb, std=.02)
+        if rel_pos_bias:
+            self.rpb = nn.Parameter(torch.zeros(num_heads, 2 * kernel_hw[0] - 1,
+                                                2 * kernel_hw[1] - 1))
+            nn.init.trunc_normal_(self.rpb, std=.02)
+        else:
+            self.register_parameter('rpb', None)
         self.attn_drop = nn.Dropout(attn_drop_rate)
         self.proj = nn.Linear(embed_dims, embed_dims)
         self.proj_drop = nn.Dropout(proj_drop_rate)
@@ -51,9 +63,9 @@ class NeighborhoodAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[1:3]
-        window = self.kernel_size * self.dilation
         exporting = _exporting()
-        pad_h, pad_w = (_shortfall(window, size, exporting) for size in (height, width))
+        pad_h, pad_w = (_shortfall(window, size, exporting)
+                        for window, size in zip(self.window, (height, width)))
         # Eager skips the copy when nothing is padded; torch.export pads unconditionally
         # (by amounts that may be 0), so one exported program serves every input size
         # instead of guarding on the traced size's padding.
@@ -72,12 +84,15 @@ class NeighborhoodAttention(nn.Module):
         return self.proj_drop(self.proj(out))
 
     def _attend(self, query, key, value):
-        rpb = self.rpb  # under autocast the NA ops cast it to the dtype of q/k/v
         # The fused op has no dropout inside; attention dropout needs the explicit map.
         if self.training and self.attn_drop.p > 0:
-            attn = na2d_qk(query * self.scale, key, self.kernel_size, self.dilation,
-                           rpb=rpb)
-            attn = self.attn_drop(attn.softmax(dim=-1))
-            return na2d_av(attn, value, self.kernel_size, self.dilation)
-        return na2d(query, key, value, self.kernel_size, self.dilation, rpb=rpb,
+            return self._attend_unfused(query, key, value)
+        # under autocast the NA ops cast the bias to the dtype of q/k/v
+        return na2d(query, key, value, self.kernel_size, self.dilation, rpb=self.rpb,
                     scale=self.scale)
+
+    def _attend_unfused(self, query, key, value):
+        attn = na2d_qk(query * self.scale, key, self.kernel_size, self.dilation,
+                       rpb=self.rpb)
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        return na2d_av(attn, value, self.kernel_size, self.dilation)

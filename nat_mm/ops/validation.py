@@ -51,6 +51,9 @@ def check_dilation(dilation: IntOrPair) -> Tuple[int, int]:
 def check_tensor(x, name: str, rank: int, layout: str) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f'{name} must be a torch.Tensor, got {type(x).__name__}')
+    if x.is_nested:
+        raise TypeError(f'{name} is a nested tensor: the NA ops take dense tensors; call '
+                        f'them once per tensor of {name}.unbind()')
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f'{name} must be a floating tensor (float16, bfloat16, float32 or '
                         f'float64), got {x.dtype}: convert it with {name}.float()')

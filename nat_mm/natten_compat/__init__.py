@@ -1,0 +1,83 @@
+"""Run code written for NATTEN <= 0.17 (NAT, DiNAT, StyleNAT, ...) on nat_mm's operators.
+
+    import nat_mm.natten_compat
+    nat_mm.natten_compat.install()       # `import natten` now gives this module
+    from natten import NeighborhoodAttention2D
+    from natten.functional import natten2dqkrpb, natten2dav, na2d
+
+Current NATTEN dropped the relative position bias, the unfused ops and the CPU kernels
+that these models were trained with; this layer gives them back with NATTEN's names,
+signatures, layouts and parameter names (``qkv``, ``rpb``, ``proj``), so their
+checkpoints load unchanged. 2D only; see ``functional`` for what raises.
+"""
+import sys
+from types import ModuleType
+from typing import Optional
+
+from nat_mm.models.attention import NeighborhoodAttention
+from nat_mm.ops.validation import IntOrPair
+from . import functional
+from .functional import refuse_unsupported
+
+__all__ = ['NeighborhoodAttention2D', 'functional', 'install', 'use_fused_na',
+           'is_fused_na_enabled', 'use_autotuner']
+
+_FUSED = {'enabled': True}
+
+
+def use_fused_na(value: bool = True, **options) -> None:
+    """NATTEN 0.17's switch between fused and unfused modules. Both compute the same
+    attention here (the fused op trains the bias too); NATTEN's tuning options
+    (kv_parallel, use_flex_attention, ...) have no counterpart and are ignored."""
+    _FUSED['enabled'] = bool(value)
+
+
+def is_fused_na_enabled() -> bool:
+    return _FUSED['enabled']
+
+
+def use_autotuner(*args, **kwargs) -> None:
+    """NATTEN's kernel-tile autotuner switch: nat_mm picks its kernels itself."""
+
+
+class NeighborhoodAttention2D(NeighborhoodAttention):
+    """NATTEN's ``NeighborhoodAttention2D`` module: x [B, H, W, dim] -> [B, H, W, dim].
+
+    Keyword arguments of both generations are accepted: ``bias`` (NATTEN <= 0.16) or
+    ``rel_pos_bias`` (0.17) switch the relative position bias; without either the bias
+    is on, as in NATTEN <= 0.16 and every NAT/DiNAT checkpoint (NATTEN 0.17 defaulted
+    to off: pass ``rel_pos_bias=False`` for such code). Arguments after ``dilation``
+    are keyword-only, because the two generations order them differently.
+    """
+
+    def __init__(self, dim: int, num_heads: int, kernel_size: IntOrPair,
+                 dilation: IntOrPair = 1, *, bias: Optional[bool] = None,
+                 rel_pos_bias: Optional[bool] = None, is_causal=False,
+                 qkv_bias: bool = True, qk_scale: Optional[float] = None,
+                 attn_drop: float = 0., proj_drop: float = 0.):
+        refuse_unsupported(is_causal)
+        if bias is not None and rel_pos_bias is not None and bias != rel_pos_bias:
+            raise ValueError(f'bias={bias} and rel_pos_bias={rel_pos_bias} disagree: they '
+                             'are the NATTEN <= 0.16 and 0.17 names of one switch, pass one')
+        with_bias = next((b for b in (rel_pos_bias, bias) if b is not None), True)
+        super().__init__(dim, num_heads, kernel_size, dilation, qkv_bias, attn_drop,
+                         proj_drop, rel_pos_bias=with_bias, qk_scale=qk_scale)
+        self.head_dim = self.head_dims  # NATTEN's attribute name
+
+    def _attend(self, query, key, value):
+        if is_fused_na_enabled():
+            return super()._attend(query, key, value)
+        return self._attend_unfused(query, key, value)
+
+
+def install() -> ModuleType:
+    """Make ``import natten`` (and ``natten.functional``) resolve to this layer."""
+    this = sys.modules[__name__]
+    present = sys.modules.get('natten')
+    if present is not None and present is not this:
+        raise RuntimeError(
+            f'another natten is already imported ({getattr(present, "__file__", present)}): '
+            'call nat_mm.natten_compat.install() before anything imports natten')
+    sys.modules['natten'] = this
+    sys.modules['natten.functional'] = functional
+    return this
