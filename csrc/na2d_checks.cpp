@@ -78,7 +78,7 @@ void check_map_size(const at::Tensor& t, at::IntArrayRef kernel_size,
 
 void check_rpb(const std::optional<at::Tensor>& rpb, const at::Tensor& query,
                at::IntArrayRef kernel_size) {
-  if (!has_rpb(rpb)) return;
+  if (!is_given(rpb)) return;
   check_like(*rpb, "rpb", query, "query");
   NAT_MM_CHECK(rpb->dim() == 3 && rpb->size(0) == query.size(1) &&
                    rpb->size(1) == 2 * kernel_size[0] - 1 &&
@@ -86,6 +86,17 @@ void check_rpb(const std::optional<at::Tensor>& rpb, const at::Tensor& query,
                "nat_mm: rpb must have shape [heads, 2*kernel_h-1, 2*kernel_w-1] = ",
                message_ints({query.size(1), 2 * kernel_size[0] - 1, 2 * kernel_size[1] - 1}),
                ", got ", message_ints(rpb->sizes()));
+}
+
+// A floating [batch, heads, height, width] tensor on query's device (lse, grad_lse).
+void check_per_query(const at::Tensor& t, const char* name, const at::Tensor& query) {
+  NAT_MM_CHECK(t.defined() && t.device() == query.device(), "nat_mm: ", name,
+               " must be on ", query.device().str(), ", the device of query");
+  NAT_MM_CHECK(at::isFloatingType(t.scalar_type()), "nat_mm: ", name,
+               " must be floating, got ", c10::toString(t.scalar_type()));
+  NAT_MM_CHECK(t.sizes() == query.sizes().slice(0, 4), "nat_mm: ", name,
+               " must have shape [batch, heads, height, width] = ",
+               message_ints(query.sizes().slice(0, 4)), ", got ", message_ints(t.sizes()));
 }
 
 }  // namespace
@@ -140,17 +151,13 @@ void check_fused_backward_args(const at::Tensor& grad_out, const at::Tensor& que
                                const at::Tensor& key, const at::Tensor& value,
                                const std::optional<at::Tensor>& rpb, const at::Tensor& out,
                                const at::Tensor& lse, at::IntArrayRef kernel_size,
-                               at::IntArrayRef dilation) {
+                               at::IntArrayRef dilation,
+                               const std::optional<at::Tensor>& grad_lse) {
   check_fused_args(query, key, value, rpb, kernel_size, dilation);
   check_same_as(grad_out, "grad_out", query, "query");
   check_same_as(out, "out", query, "query");
-  NAT_MM_CHECK(lse.defined() && lse.device() == query.device(), "nat_mm: lse must be on ",
-               query.device().str(), ", the device of query");
-  NAT_MM_CHECK(at::isFloatingType(lse.scalar_type()), "nat_mm: lse must be floating, got ",
-               c10::toString(lse.scalar_type()));
-  NAT_MM_CHECK(lse.sizes() == query.sizes().slice(0, 4),
-               "nat_mm: lse must have shape [batch, heads, height, width] = ",
-               message_ints(query.sizes().slice(0, 4)), ", got ", message_ints(lse.sizes()));
+  check_per_query(lse, "lse", query);
+  if (is_given(grad_lse)) check_per_query(*grad_lse, "grad_lse", query);
 }
 
 }  // namespace nat_mm

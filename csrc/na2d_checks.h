@@ -54,15 +54,17 @@ void check_fused_args(const at::Tensor& query, const at::Tensor& key, const at::
                       const std::optional<at::Tensor>& rpb, at::IntArrayRef kernel_size,
                       at::IntArrayRef dilation);
 
-// As the forward, plus grad_out and out of query's shape and lse [B, heads, H, W].
+// As the forward, plus grad_out and out of query's shape, lse [B, heads, H, W] and
+// grad_lse (optional) like lse.
 void check_fused_backward_args(const at::Tensor& grad_out, const at::Tensor& query,
                                const at::Tensor& key, const at::Tensor& value,
                                const std::optional<at::Tensor>& rpb, const at::Tensor& out,
                                const at::Tensor& lse, at::IntArrayRef kernel_size,
-                               at::IntArrayRef dilation);
+                               at::IntArrayRef dilation,
+                               const std::optional<at::Tensor>& grad_lse);
 
-inline bool has_rpb(const std::optional<at::Tensor>& rpb) {
-  return rpb.has_value() && rpb->defined();
+inline bool is_given(const std::optional<at::Tensor>& t) {  // rpb, grad_lse
+  return t.has_value() && t->defined();
 }
 
 }  // namespace nat_mm

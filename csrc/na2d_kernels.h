@@ -28,7 +28,7 @@ namespace nat_mm {
       const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,           \
       const at::Tensor& value, const std::optional<at::Tensor>& rpb, const at::Tensor& out, \
       const at::Tensor& lse, at::IntArrayRef kernel_size, at::IntArrayRef dilation,         \
-      double scale);
+      double scale, const std::optional<at::Tensor>& grad_lse);
 
 NAT_MM_DECLARE_KERNELS(cpu)
 #ifdef NAT_MM_WITH_CUDA

@@ -45,6 +45,8 @@ def bad_calls(device):
          lambda q: (q, q, q, q, None, q[..., :4], lse(), KS, DIL, 1.0), 'out'),
         ('fused-bwd-grad-dtype', 'na2d_fused_backward',
          lambda q: (q.double(), q, q, q, None, q, lse(), KS, DIL, 1.0), 'grad_out'),
+        ('fused-bwd-grad-lse-shape', 'na2d_fused_backward',
+         lambda q: (q, q, q, q, None, q, lse(), KS, DIL, 1.0, lse()[..., :8]), 'grad_lse'),
     ]
 
 

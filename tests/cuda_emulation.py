@@ -15,6 +15,8 @@ import time
 
 import torch
 
+from nat_mm.ops.library import SCHEMAS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, 'csrc')
 STALE_LOCK_S = 900  # a build takes about a minute
@@ -51,6 +53,15 @@ def asan_runtime():
 
 
 @functools.lru_cache(maxsize=None)
+def _define_schemas():
+    """nat_mm's op schemas in the emulation's namespace (its kernels register for them)."""
+    library = torch.library.Library('nat_mm_emulated', 'FRAGMENT')
+    for schema in SCHEMAS.values():
+        library.define(schema)
+    return library  # kept alive by the cache: the definitions last as long as it does
+
+
+@functools.lru_cache(maxsize=None)
 def emulated_ops(asan=False):
     """``torch.ops.nat_mm_emulated`` after building (if needed) and loading the library;
     with `asan`, built with AddressSanitizer (the process must preload asan_runtime()), so
@@ -68,6 +79,7 @@ def emulated_ops(asan=False):
     sources = sorted(glob.glob(os.path.join(CSRC, 'emulation', '*.cpp')))
     sources.append(os.path.join(CSRC, 'na2d_checks.cpp'))
     sanitize = ['-fsanitize=address', '-fno-omit-frame-pointer'] if asan else []
+    _define_schemas()
     load(name=f'nat_mm_{variant}', sources=sources, build_directory=build_dir,
          extra_include_paths=[CSRC, os.path.join(CSRC, 'cuda')],
          extra_cflags=['-O1' if asan else '-O2', _cxx_standard(), '-fno-strict-aliasing',

@@ -27,10 +27,11 @@ import torch
 
 from bad_op_calls import IDS, bad_calls
 from cuda_emulation import asan_runtime, emulated_ops, unavailable_reason
-from nat_mm.ops.reference import na2d_av_reference, na2d_qk_reference, na2d_reference
+from nat_mm.ops.reference import na2d_av_reference, na2d_qk_reference
 # the GPU tests' inputs, tolerances and path fixture (default / tensor-cores / simple)
-from test_cuda_ops import (FORCE_SIMPLE, TOL, _base, _representable,  # noqa: F401
-                           assert_scaled_close, path, select_path)
+from test_cuda_ops import (FORCE_SIMPLE, TOL, _base, _fused_reference,  # noqa: F401
+                           _representable, assert_scaled_close, grad_lse_for, path,
+                           select_path)
 
 pytestmark = pytest.mark.skipif(unavailable_reason() is not None,
                                 reason=unavailable_reason() or '')
@@ -103,21 +104,21 @@ def _as_input(t, dtype, padded):
     return _padded(t, dtype) if padded else t.to(dtype).clone()
 
 
-def _check_fused(ops, case, dtype, path, with_rpb=True, padded=True, check_kernels=True):
+def _check_fused(ops, case, dtype, path, with_rpb=True, padded=True, check_kernels=True,
+                 with_grad_lse=False):
+    """Forward and backward (with lse's gradient too, with_grad_lse) of the emulated kernels
+    against the float64 reference, and which kernels ran."""
     q, k, v, rpb, g = _base(case, with_rpb)
     ks, dil, scale = list(case[5]), list(case[6]), case[4] ** -0.5
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    rpb_leaf = rpb.clone().requires_grad_() if with_rpb else None
-    ref = na2d_reference(*leaves, case[5], case[6], rpb=rpb_leaf, scale=scale)
-    wanted = leaves + ([rpb_leaf] if with_rpb else [])
-    ref_grads = torch.autograd.grad(ref, wanted, g)
+    ref, ref_lse, ref_grads = _fused_reference(case, with_rpb, scale, with_grad_lse)
 
     cast = lambda t: _as_input(t, dtype, padded)
     _launched(ops)
     out, lse = ops.na2d_fused(cast(q), cast(k), cast(v), cast(rpb), ks, dil, scale)
     fwd = _launched(ops)
+    grad_lse = _as_input(grad_lse_for(case), lse.dtype, padded) if with_grad_lse else None
     grads = ops.na2d_fused_backward(cast(g), cast(q), cast(k), cast(v), cast(rpb), out, lse,
-                                    ks, dil, scale)
+                                    ks, dil, scale, grad_lse)
     bwd = _launched(ops)
 
     if check_kernels:
@@ -125,8 +126,7 @@ def _check_fused(ops, case, dtype, path, with_rpb=True, padded=True, check_kerne
         assert all(name in fwd for name in want_fwd), f'forward ran {fwd}, not {want_fwd}'
         assert all(name in bwd for name in want_bwd), f'backward ran {bwd}, not {want_bwd}'
     assert_scaled_close(out, ref, TOL[dtype], 'out')
-    logits = na2d_qk_reference(q * scale, k, case[5], case[6], rpb)
-    assert_scaled_close(lse, torch.logsumexp(logits, -1), TOL[dtype], 'lse')
+    assert_scaled_close(lse, ref_lse, TOL[dtype], 'lse')
     for name, got, want in zip(('grad_q', 'grad_k', 'grad_v', 'grad_rpb'), grads, ref_grads):
         assert_scaled_close(got, want, TOL[dtype], name)
 
@@ -140,6 +140,13 @@ def test_fused_forward_and_backward(ops, case, dtype, path):
 @pytest.mark.parametrize('case', LARGE_CASES, ids=_ids)
 def test_fused_large(ops, case, path):
     _check_fused(ops, case, torch.float16, path)
+
+
+@pytest.mark.parametrize('dtype', DTYPES + [torch.float64], ids=str)
+@pytest.mark.parametrize('case', [CASES[1], CASES[2], CASES[5]], ids=_ids)
+def test_fused_backward_takes_the_lse_gradient(ops, case, dtype, path):
+    """grad_lse joins the per-query delta of every path's query-side kernel."""
+    _check_fused(ops, case, dtype, path, with_grad_lse=True)
 
 
 @pytest.mark.parametrize('case', [CASES[1], CASES[2]], ids=_ids)

@@ -68,18 +68,26 @@ def _base(case, with_rpb, seed=0):
     return q, k, v, rpb, g
 
 
+def grad_lse_for(case):
+    """A gradient of lse [B, heads, H, W] (float64, representable in bfloat16)."""
+    gen = torch.Generator().manual_seed(1)
+    return _representable(torch.randn(*case[:4], generator=gen, dtype=torch.float64))
+
+
 @functools.lru_cache(maxsize=None)
-def _fused_reference(case, with_rpb, scale):
-    """Forward, lse and (q, k, v, rpb) gradients of the reference, float64 on the CPU."""
+def _fused_reference(case, with_rpb, scale, with_grad_lse=False):
+    """Forward, lse and (q, k, v, rpb) gradients of the reference, float64 on the CPU; the
+    gradients are of out . g, plus lse . grad_lse_for(case) with `with_grad_lse`."""
     q, k, v, rpb, g = _base(case, with_rpb)
     ks, dil = case[5], case[6]
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     rpb_leaf = rpb.clone().requires_grad_() if rpb is not None else None
     out = na2d_reference(*leaves, ks, dil, rpb=rpb_leaf, scale=scale)
-    logits = na2d_qk_reference(q * scale, k, ks, dil, rpb)
+    lse = na2d_qk_reference(leaves[0] * scale, leaves[1], ks, dil, rpb_leaf).logsumexp(-1)
     wanted = leaves + ([rpb_leaf] if rpb_leaf is not None else [])
-    grads = torch.autograd.grad(out, wanted, g)
-    return out.detach(), logits.logsumexp(-1), grads
+    outputs, grads_out = ([out, lse], [g, grad_lse_for(case)]) if with_grad_lse else (out, g)
+    grads = torch.autograd.grad(outputs, wanted, grads_out)
+    return out.detach(), lse.detach(), grads
 
 
 def _cuda(t, dtype, grad=False):
@@ -181,6 +189,22 @@ def test_tensor_core_kernels_are_separate_kernels(case, dtype, monkeypatch):
     for what, a, b in zip(('out', 'grad_q', 'grad_k', 'grad_v'), results['tensor cores'],
                           results['cuda cores']):
         assert not torch.equal(a, b), f'{what}: the tensor-core kernels did not run'
+
+
+@pytest.mark.parametrize('dtype', DTYPES, ids=str)
+@pytest.mark.parametrize('case', [CASES[0], CASES[1], CASES[3]], ids=_ids)
+def test_fused_backward_takes_the_lse_gradient(case, dtype, path):
+    """grad_lse (lse's own gradient, na2d_fused called directly) joins out's in the
+    fused backward kernels: ds = p (grad_out . v - grad_out . out + grad_lse)."""
+    ks, dil, scale = list(case[5]), list(case[6]), 0.3
+    q, k, v, rpb, g = _base(case, True)
+    _, _, grads_ref = _fused_reference(case, True, scale, with_grad_lse=True)
+    args = [_cuda(t, dtype) for t in (q, k, v, rpb)]
+    out, lse = op('na2d_fused')(*args, ks, dil, scale)
+    grads = op('na2d_fused_backward')(_cuda(g, dtype), *args, out, lse, ks, dil, scale,
+                                      grad_lse_for(case).to('cuda', lse.dtype))
+    for what, a, e in zip(('grad_q', 'grad_k', 'grad_v', 'grad_rpb'), grads, grads_ref):
+        assert_scaled_close(a, e, TOL[dtype], what)
 
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16], ids=str)

@@ -9,7 +9,7 @@ from nat_mm.ops import (backend_info, na2d, na2d_av, na2d_av_reference, na2d_qk,
                         na2d_qk_reference, na2d_reference)
 from nat_mm.ops import fallback
 from nat_mm.ops.library import kernel_layout, op
-from op_samples import assert_double_backward, opcheck_samples
+from op_samples import OpLog, assert_double_backward, opcheck_samples
 
 # (batch, heads, H, W, head_dim, kernel_size, dilation)
 CASES = [
@@ -68,6 +68,47 @@ def test_fused_matches_reference_fp64(case, with_rpb):
     torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
     g = torch.randn_like(out)
     assert_close_all(grads(out, (q, k, v, rpb), g), grads(ref, (q, k, v, rpb), g), 1e-10, 1e-10)
+
+
+def _fused_with_lse(q, k, v, rpb, ks, dil, scale):
+    return op('na2d_fused')(q, k, v, rpb, list(ks), list(dil), scale)
+
+
+def _reference_with_lse(q, k, v, rpb, ks, dil, scale):
+    logits = na2d_qk_reference(q * scale, k, ks, dil, rpb=rpb)
+    return na2d_reference(q, k, v, ks, dil, rpb=rpb, scale=scale), logits.logsumexp(-1)
+
+
+@pytest.mark.parametrize('uses', ['out+lse', 'lse'])
+@pytest.mark.parametrize('dtype, tol', [(torch.float64, 1e-10), (torch.float32, 1e-4),
+                                        (torch.bfloat16, 5e-2)], ids=str)
+@pytest.mark.parametrize('case', [CASES[0], CASES[1], CASES[2], CASES[7]], ids=_ids)
+def test_fused_lse_gradient_runs_the_fused_kernel_and_matches_reference(case, dtype, tol,
+                                                                         uses):
+    # na2d_fused called directly, its lse differentiated: the fused backward kernel takes
+    # lse's gradient (d lse / d logits = p), no composite
+    q, k, v, rpb = make_inputs(case, dtype)
+    ks, dil, scale = case[5], case[6], 0.3
+    gen = torch.Generator().manual_seed(5)
+    g_out, g_lse = (torch.randn(shape, generator=gen, dtype=torch.float64)
+                    for shape in (q.shape, q.shape[:4]))
+
+    def loss(out, lse):
+        return (lse.double() * g_lse).sum() + (
+            (out.double() * g_out).sum() if uses == 'out+lse' else 0)
+
+    with OpLog() as log:
+        got = torch.autograd.grad(loss(*_fused_with_lse(q, k, v, rpb, ks, dil, scale)),
+                                  (q, k, v, rpb), allow_unused=True)
+    assert [name for name, _ in log.calls] == ['na2d_fused', 'na2d_fused_backward']
+    copies, (ref_out, ref_lse) = reference_fp64(
+        lambda *t: _reference_with_lse(*t, ks, dil, scale), q, k, v, rpb)
+    want = torch.autograd.grad(loss(ref_out, ref_lse), copies, allow_unused=True)
+    assert (got[2] is None) == (uses == 'lse') == (want[2] is None)
+    for a, e in zip(got, want):
+        if e is not None:
+            norm = max(1.0, e.abs().max().item())  # relative to the gradient's scale
+            torch.testing.assert_close(a.double() / norm, e / norm, atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize('case', CASES + [LARGEST_KERNEL], ids=_ids)
@@ -283,9 +324,11 @@ def test_compile_fullgraph_forward_and_backward():
     assert_close_all(torch.autograd.grad(loss, (q, k, v, rpb)), eager_grads, 1e-5, 1e-5)
 
 
-def test_compiled_backward_runs_the_fused_backward_kernel():
+@pytest.mark.parametrize('region', ['na2d', 'na2d_fused returning lse'])
+def test_compiled_backward_runs_the_fused_backward_kernel(region):
     """A compiled training step keeps the fused backward kernel (the differentiable
-    composite is only for create_graph=True backwards)."""
+    composite is only for create_graph=True backwards), also where the region returns
+    lse, which AOT then gives a gradient (zeros when unused)."""
     from torch._functorch.aot_autograd import aot_module_simplified
     from functorch.compile import make_boxed_func
 
@@ -303,11 +346,24 @@ def test_compiled_backward_runs_the_fused_backward_kernel():
 
     case = CASES[1]
     q, k, v, rpb = make_inputs(case, torch.float32)
-    step = torch.compile(lambda *t: na2d(*t[:3], case[5], case[6], rpb=t[3]).square().sum(),
-                         backend=backend, fullgraph=True)
-    step(q, k, v, rpb).backward()
+    ks, dil = case[5], case[6]
+    if region == 'na2d':
+        step = torch.compile(lambda *t: na2d(*t[:3], ks, dil, rpb=t[3]).square().sum(),
+                             backend=backend, fullgraph=True)
+        loss = step(q, k, v, rpb)
+    else:
+        attend = torch.compile(lambda *t: _fused_with_lse(*t, ks, dil, 0.3), backend=backend,
+                               fullgraph=True)
+        out, lse = attend(q, k, v, rpb)
+        loss = out.square().sum() + lse.sum()
+        eager_out, eager_lse = _fused_with_lse(q, k, v, rpb, ks, dil, 0.3)
+        eager_grads = torch.autograd.grad(eager_out.square().sum() + eager_lse.sum(),
+                                          (q, k, v, rpb))
+    got = torch.autograd.grad(loss, (q, k, v, rpb))
     assert ops_in == {'fw': {'nat_mm.na2d_fused.default'},
                       'bw': {'nat_mm.na2d_fused_backward.default'}}
+    if region != 'na2d':
+        assert_close_all(got, eager_grads, 1e-5, 1e-5)
 
 
 def test_backend_info_reports_cpu_kernels():
@@ -324,9 +380,11 @@ def test_reference_fallback_kernels(case):
     qd, kd, vd, rd = (t.detach() for t in (q, k, v, rpb))
     compiled = [op('na2d_fused')(qd, kd, vd, rd, ks, dil, 0.4)]
     out, lse = compiled[0]
-    g = torch.randn_like(out)
-    compiled.append(op('na2d_fused_backward')(g, qd, kd, vd, rd, out, lse, ks, dil, 0.4))
+    g, g_lse = torch.randn_like(out), torch.randn_like(lse)
     expected = [fallback._fused(qd, kd, vd, rd, ks, dil, 0.4)]
-    expected.append(fallback._fused_backward(g, qd, kd, vd, rd, out, lse, ks, dil, 0.4))
+    for grad_lse in (None, g_lse):
+        args = (g, qd, kd, vd, rd, out, lse, ks, dil, 0.4, grad_lse)
+        compiled.append(op('na2d_fused_backward')(*args))
+        expected.append(fallback._fused_backward(*args))
     for got, want in zip(compiled, expected):
         assert_close_all(got, want, 1e-10, 1e-10)

@@ -3,11 +3,10 @@ the batch, or into the heads where samples differ in their bias), equal to a loo
 samples, forward and gradients."""
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from nat_mm.ops import na2d
 from nat_mm.ops.library import SCHEMAS, op
-from op_samples import opcheck_samples, public_calls
+from op_samples import OpLog, opcheck_samples, public_calls
 
 N, KERNEL, DILATION = 3, (3, 5), (2, 1)
 MAP = (2, 2, 9, 11, 8)  # [B, heads, H, W, D]
@@ -18,21 +17,6 @@ PUBLIC_CALLS = public_calls(KERNEL, DILATION)
 # (q, k, v, rpb) vmapped dims: all at 0; shared key and bias, value vmapped at dim 2;
 # only the bias vmapped (an ensemble of biases)
 IN_DIMS = [(0, 0, 0, 0), (0, None, 2, None), (None, None, None, 0)]
-
-
-class OpLog(TorchDispatchMode):
-    """Records (op name, (batch, heads) of its first argument) of each nat_mm op call, and
-    the first arguments themselves."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls, self.first_args = [], []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == 'nat_mm':
-            self.calls.append((func.__name__.split('.')[0], tuple(args[0].shape[:2])))
-            self.first_args.append(args[0])
-        return func(*args, **(kwargs or {}))
 
 
 FOLDED_BATCH, FOLDED_HEADS = (N * MAP[0], MAP[1]), (MAP[0], N * MAP[1])

@@ -8,6 +8,8 @@ forward and forward+backward for:
   swin_sdpa  window attention over non-overlapping 7x7 windows through
              torch.nn.functional.scaled_dot_product_attention, with a relative position bias
              as attn_mask (what Swin computes); the map is padded to a multiple of 7 first
+  nat_mm_lse (opt-in: --methods) the op torch.ops.nat_mm.na2d_fused called directly, its
+             lse output differentiated too (out + lse), which the fused backward takes
 plus the peak extra memory of each (a fresh subprocess per case, ru_maxrss). Ratios are to
 swin_sdpa of the same shape and pass, measured in this run.
 
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 from nat_mm.ops import backend_info, na2d, na2d_av, na2d_qk, na2d_reference  # noqa: E402
+from nat_mm.ops.library import op  # noqa: E402
 
 KERNEL = 7
 HEAD_DIM = 32
@@ -36,6 +39,7 @@ HEAD_DIM = 32
 SHAPES = [('det stage 1', 1, 2, 200, 336), ('det stage 3', 1, 8, 50, 84),
           ('cls stage 1', 8, 2, 56, 56), ('cls stage 3', 8, 8, 14, 14)]
 METHODS = ['nat_mm', 'unfused', 'reference', 'swin_sdpa']
+OPT_IN_METHODS = ['nat_mm_lse']
 
 
 def make_inputs(method, batch, heads, height, width, seed=0):
@@ -78,6 +82,11 @@ def forward_fn(method):
             na2d_qk(q * HEAD_DIM ** -0.5, k, KERNEL, 1, rpb=rpb).softmax(-1), v, KERNEL, 1)
     if method == 'reference':
         return lambda q, k, v, rpb: na2d_reference(q, k, v, (KERNEL, KERNEL), (1, 1), rpb=rpb)
+    if method == 'nat_mm_lse':
+        def out_plus_lse(q, k, v, rpb):
+            out, lse = op('na2d_fused')(q, k, v, rpb, [KERNEL] * 2, [1, 1], HEAD_DIM ** -0.5)
+            return out + lse[..., None]
+        return out_plus_lse
     return swin_sdpa
 
 
@@ -240,7 +249,8 @@ def main():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--repeat', type=int, default=5, help='timed runs per case')
     parser.add_argument('--threads', type=int, default=None, help='torch threads')
-    parser.add_argument('--methods', nargs='+', default=METHODS, choices=METHODS)
+    parser.add_argument('--methods', nargs='+', default=METHODS,
+                        choices=METHODS + OPT_IN_METHODS)
     parser.add_argument('--no-memory', action='store_true', help='skip peak-memory runs')
     parser.add_argument('--json', help='write the results as JSON here')
     parser.add_argument('--plot', help='write a PNG of time vs map size here')

@@ -1021,18 +1021,26 @@ struct BackwardInputs {
   const Geometry& g;
   const ColumnOrder& order;
   const MapView<T> q, k, v, go, out;
-  const T *lp, *bp;
+  const T *lp, *glp, *bp;  // lse, grad_lse (or null), rpb (or null)
   T *gqp, *bins;
   const T scale;
   const bool band;
 
   BackwardInputs(const at::Tensor& q_, const at::Tensor& k_, const at::Tensor& v_,
                  const at::Tensor& go_, const at::Tensor& o, const at::Tensor& lse,
-                 const at::Tensor& bias, const ColumnOrder& order_, const Geometry& g_,
-                 double scale_, at::Tensor& grad_q, at::Tensor& partial)
+                 const at::Tensor& grad_lse, const at::Tensor& bias, const ColumnOrder& order_,
+                 const Geometry& g_, double scale_, at::Tensor& grad_q, at::Tensor& partial)
       : g(g_), order(order_), q(q_), k(k_), v(v_), go(go_), out(o), lp(lse.data_ptr<T>()),
-        bp(optional_data<T>(bias)), gqp(grad_q.data_ptr<T>()), bins(partial.data_ptr<T>()),
+        glp(optional_data<T>(grad_lse)), bp(optional_data<T>(bias)),
+        gqp(grad_q.data_ptr<T>()), bins(partial.data_ptr<T>()),
         scale(static_cast<T>(scale_)), band(band_supported<T>(g_)) {}
+
+  // grad_out . out of query q_index, less lse's gradient there: ds = p (dp - delta)
+  // then also carries d lse / d logits = p
+  T delta(const T* go_pixel, const T* out_pixel, int64_t q_index) const {
+    const T d = dot(go_pixel, out_pixel, g.D);
+    return glp ? d - glp[q_index] : d;
+  }
 };
 
 // The query side of one row, with its per-thread buffers: the probabilities p and the
@@ -1078,12 +1086,12 @@ class BackwardQueryRows {
         const int64_t j = j0 + t, q_index = row_q0 + j;
         const AxisWindow cw = axis_window(j, g.W, g.kw, g.dw);
         // p = exp(logits - lse), recomputed; dp = grad_out . v[neighbor];
-        // ds = p * (dp - grad_out . out)
+        // ds = p * (dp - delta)
         T *p = p_.data() + t * stride, *ds = dp_.data() + t * stride;
         scale_in_place(p, K2_, in_.scale);
         if (rpb_head) add_bias(p, rpb_head, qr.rw, cw, g);
         exp_shifted(p, K2_, in_.lp[q_index]);
-        const T d = dot(go0 + t * in_.go.pixel, out_row_ + j * in_.out.pixel, g.D);
+        const T d = in_.delta(go0 + t * in_.go.pixel, out_row_ + j * in_.out.pixel, q_index);
         for (int64_t n = 0; n < K2_; ++n) ds[n] = p[n] * (ds[n] - d);
         if (own) accumulate_bias_grad(ds, qr.rw, cw, g, row_bins);
         for (int64_t n = 0; n < K2_; ++n) {
@@ -1122,7 +1130,8 @@ class BackwardQueryRows {
                run_dp_.data());
     for (int64_t t = 0; t < L; ++t) {
       const int64_t j = j0 + t;
-      delta_[t] = dot(go_row_ + j * in_.go.pixel, out_row_ + j * in_.out.pixel, g.D);
+      delta_[t] = in_.delta(go_row_ + j * in_.go.pixel, out_row_ + j * in_.out.pixel,
+                            row_q0 + j);
     }
     const V vdelta = V::loadu(delta_.data()), vscale(in_.scale);
     for (int64_t n = 0; n < K2_; ++n) {  // ds = p * (dp - delta): bins; scaled: the rest
@@ -1189,7 +1198,7 @@ at::Tensor na2d_qk_cpu(const at::Tensor& query, const at::Tensor& key,
   check_qk_args(query, key, rpb, kernel_size, dilation);
   const Geometry g(query, kernel_size, dilation);
   const at::Tensor q = as_compute_map(query), k = as_compute_map(key);
-  const at::Tensor bias = has_rpb(rpb) ? as_compute(*rpb) : at::Tensor();
+  const at::Tensor bias = is_given(rpb) ? as_compute(*rpb) : at::Tensor();
   at::Tensor attn = scratch_empty(attn_sizes(g), q.options());
   const ColumnOrder order(g.W, g.dw);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "nat_mm_na2d_qk_cpu", [&] {
@@ -1300,7 +1309,7 @@ std::tuple<at::Tensor, at::Tensor> na2d_fused_cpu(const at::Tensor& query,
   const Geometry g(query, kernel_size, dilation);
   const at::Tensor q = as_compute_map(query), k = as_compute_map(key);
   const at::Tensor v = as_compute_map(value);
-  const at::Tensor bias = has_rpb(rpb) ? as_compute(*rpb) : at::Tensor();
+  const at::Tensor bias = is_given(rpb) ? as_compute(*rpb) : at::Tensor();
   at::Tensor out = scratch_empty(q.sizes(), q.options());
   at::Tensor lse = scratch_empty({g.batch, g.heads, g.H, g.W}, q.options());
   const ColumnOrder order(g.W, g.dw);
@@ -1357,14 +1366,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_fused_backward_c
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
     const at::Tensor& value, const std::optional<at::Tensor>& rpb, const at::Tensor& out,
     const at::Tensor& lse, at::IntArrayRef kernel_size, at::IntArrayRef dilation,
-    double scale) {
-  check_fused_backward_args(grad_out, query, key, value, rpb, out, lse, kernel_size, dilation);
+    double scale, const std::optional<at::Tensor>& grad_lse) {
+  check_fused_backward_args(grad_out, query, key, value, rpb, out, lse, kernel_size, dilation,
+                            grad_lse);
   const Geometry g(query, kernel_size, dilation);
   const at::Tensor q = as_compute_map(query), k = as_compute_map(key);
   const at::Tensor v = as_compute_map(value), go = as_compute_map(grad_out);
   const at::Tensor o = as_compute_map(out);
   const at::Tensor l = lse.to(q.scalar_type()).contiguous();
-  const at::Tensor bias = has_rpb(rpb) ? as_compute(*rpb) : at::Tensor();
+  const at::Tensor gl = is_given(grad_lse) ? grad_lse->to(q.scalar_type()).contiguous()
+                                          : at::Tensor();
+  const at::Tensor bias = is_given(rpb) ? as_compute(*rpb) : at::Tensor();
   at::Tensor grad_q = scratch_empty(q.sizes(), q.options());
   at::Tensor grad_k = scratch_empty(q.sizes(), q.options());
   at::Tensor grad_v = scratch_empty(q.sizes(), q.options());
@@ -1372,7 +1384,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_fused_backward_c
   const ColumnOrder order(g.W, g.dw);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "nat_mm_na2d_fused_backward_cpu", [&] {
     using T = scalar_t;
-    const BackwardInputs<T> in(q, k, v, go, o, l, bias, order, g, scale, grad_q, partial);
+    const BackwardInputs<T> in(q, k, v, go, o, l, gl, bias, order, g, scale, grad_q, partial);
     const std::vector<int64_t> row_starts = window_starts(g.H, g.kh, g.dh);
     const std::vector<int64_t> col_starts = window_starts(g.W, g.kw, g.dw);
     // [row][C][col] copies of q and grad_out for key runs without a band kernel

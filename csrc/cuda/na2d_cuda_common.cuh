@@ -288,9 +288,9 @@ bool fused_forward_mma(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 // The fused backward's query side (p, ds maps and grad_q) on tensor cores, likewise.
 bool backward_query_side_mma(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              const at::Tensor& go, const at::Tensor& o, const at::Tensor& rpb,
-                             const at::Tensor& lse, const at::Tensor& p, const at::Tensor& ds,
-                             const at::Tensor& grad_q, const Geometry& g, double scale,
-                             cudaStream_t stream);
+                             const at::Tensor& lse, const at::Tensor& grad_lse,
+                             const at::Tensor& p, const at::Tensor& ds, const at::Tensor& grad_q,
+                             const Geometry& g, double scale, cudaStream_t stream);
 
 // The fused backward's key side (grad_k, grad_v from the p and ds maps) on tensor cores,
 // likewise.

@@ -1,6 +1,7 @@
 // Fused neighborhood attention backward on CUDA. Given grad_out, q, k, v, rpb, out and the
 // forward's lse, it recomputes the probabilities p = exp(scale * q.k + rpb - lse) and
-//   ds      = p * (grad_out . v_nbr - delta),  delta = grad_out . out     (per query)
+//   ds      = p * (grad_out . v_nbr - delta),  delta = grad_out . out - grad_lse  (per query;
+//             grad_lse, lse's own gradient, when given: d lse / d logits = p)
 //   grad_q  = scale * sum_n ds * k_nbr
 //   grad_k  = scale * sum over the queries that see the key of ds * q     (inverse gather)
 //   grad_v  =         sum over the queries that see the key of p * grad_out
@@ -33,11 +34,12 @@ template <typename T>
 using acc_t = at::opmath_type<T>;
 
 // ------------------------------------------------------------------ simple path
-// delta[row] = sum_d a[row, d] * b[row, d]; one warp per row.
+// delta[row] = sum_d a[row, d] * b[row, d] (- minus[row] where given); one warp per row.
 template <typename T, typename AccT>
 __global__ void __launch_bounds__(kThreads)
-    rowdot_kernel(const T* __restrict__ a, const T* __restrict__ b, AccT* __restrict__ out,
-                  const int64_t rows, const int64_t dim) {
+    rowdot_kernel(const T* __restrict__ a, const T* __restrict__ b,
+                  const AccT* __restrict__ minus, AccT* __restrict__ out, const int64_t rows,
+                  const int64_t dim) {
   const int lane = threadIdx.x & 31;
   for_each_warp_index(rows, [&](int64_t row) {
     AccT acc = 0;
@@ -45,7 +47,7 @@ __global__ void __launch_bounds__(kThreads)
       acc += static_cast<AccT>(a[row * dim + d]) * static_cast<AccT>(b[row * dim + d]);
     }
     acc = warp_sum(acc);
-    if (lane == 0) out[row] = acc;
+    if (lane == 0) out[row] = minus != nullptr ? acc - minus[row] : acc;
   });
 }
 
@@ -78,14 +80,15 @@ __global__ void __launch_bounds__(kThreads)
 
 void query_side_simple(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        const at::Tensor& go, const at::Tensor& o, const at::Tensor& rpb,
-                       const at::Tensor& lse, const at::Tensor& p, const at::Tensor& ds,
-                       const at::Tensor& grad_q, const Geometry& g, double scale,
-                       cudaStream_t stream) {
+                       const at::Tensor& lse, const at::Tensor& grad_lse, const at::Tensor& p,
+                       const at::Tensor& ds, const at::Tensor& grad_q, const Geometry& g,
+                       double scale, cudaStream_t stream) {
   at::Tensor delta = at::empty({g.queries}, lse.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "na2d_fused_bwd_cuda", [&] {
     using AccT = acc_t<scalar_t>;
     launch_kernel(rowdot_kernel<scalar_t, AccT>, blocks_for(g.queries * 32), kThreads, 0, stream,
         go.const_data_ptr<scalar_t>(), o.const_data_ptr<scalar_t>(),
+        grad_lse.defined() ? grad_lse.const_data_ptr<AccT>() : nullptr,
         delta.mutable_data_ptr<AccT>(), g.queries, g.dim);
     launch_kernel(bwd_scores_kernel<scalar_t, AccT>, blocks_for(g.queries * g.window),
                   kThreads, 0, stream,
@@ -103,9 +106,10 @@ __global__ void __launch_bounds__(kThreads)
     fused_bwd_tiled_kernel(const T* __restrict__ query, const T* __restrict__ key,
                            const T* __restrict__ value, const T* __restrict__ grad_out,
                            const T* __restrict__ out, const T* __restrict__ rpb,
-                           const float* __restrict__ lse, float* __restrict__ p_out,
-                           float* __restrict__ ds_out, T* __restrict__ grad_q, const Geometry g,
-                           const float scale, const TileConfig tc) {
+                           const float* __restrict__ lse, const float* __restrict__ grad_lse,
+                           float* __restrict__ p_out, float* __restrict__ ds_out,
+                           T* __restrict__ grad_q, const Geometry g, const float scale,
+                           const TileConfig tc) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const TileSmem<T> sm = tile_smem<T>(smem_raw, tc);
   const int group = threadIdx.x / G;
@@ -126,6 +130,7 @@ __global__ void __launch_bounds__(kThreads)
       dq[u] = 0.f;
     }
     delta = group_sum<G>(delta);
+    if (grad_lse != nullptr) delta -= grad_lse[tq.index];  // ds then carries p * grad_lse
     const float lse_q = lse[tq.index];
     float* p_row = p_out + tq.index * g.window;
     float* ds_row = ds_out + tq.index * g.window;
@@ -237,9 +242,9 @@ bool key_side_tiled(const at::Tensor& q, const at::Tensor& go, const at::Tensor&
 template <typename T>
 bool query_side_tiled(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                       const at::Tensor& go, const at::Tensor& o, const at::Tensor& rpb,
-                      const at::Tensor& lse, const at::Tensor& p, const at::Tensor& ds,
-                      const at::Tensor& grad_q, const Geometry& g, double scale,
-                      cudaStream_t stream) {
+                      const at::Tensor& lse, const at::Tensor& grad_lse, const at::Tensor& p,
+                      const at::Tensor& ds, const at::Tensor& grad_q, const Geometry& g,
+                      double scale, cudaStream_t stream) {
   return with_group_shape(g.dim, [&](auto group, auto per_thread) {
     constexpr int G = decltype(group)::value, DPT = decltype(per_thread)::value;
     return launch_tiled<T, G>(
@@ -247,6 +252,7 @@ bool query_side_tiled(const at::Tensor& q, const at::Tensor& k, const at::Tensor
         stream, q.const_data_ptr<T>(), k.const_data_ptr<T>(), v.const_data_ptr<T>(),
         go.const_data_ptr<T>(), o.const_data_ptr<T>(),
         rpb.defined() ? rpb.const_data_ptr<T>() : nullptr, lse.const_data_ptr<float>(),
+        grad_lse.defined() ? grad_lse.const_data_ptr<float>() : nullptr,
         p.mutable_data_ptr<float>(), ds.mutable_data_ptr<float>(), grad_q.mutable_data_ptr<T>());
   });
 }
@@ -258,8 +264,10 @@ using namespace cuda_detail;
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_fused_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& key,
     const at::Tensor& value, const std::optional<at::Tensor>& rpb, const at::Tensor& out,
-    const at::Tensor& lse, at::IntArrayRef kernel_size, at::IntArrayRef dilation, double scale) {
-  check_fused_backward_args(grad_out, query, key, value, rpb, out, lse, kernel_size, dilation);
+    const at::Tensor& lse, at::IntArrayRef kernel_size, at::IntArrayRef dilation, double scale,
+    const std::optional<at::Tensor>& grad_lse) {
+  check_fused_backward_args(grad_out, query, key, value, rpb, out, lse, kernel_size, dilation,
+                            grad_lse);
   c10::cuda::CUDAGuard guard(query.device());
   const auto dtype = query.scalar_type();
   const auto acc_type = dtype == at::kDouble ? at::kDouble : at::kFloat;
@@ -267,7 +275,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_fused_backward_c
   // grad_out and out have the query's dtype (check_fused_backward_args)
   const at::Tensor go = grad_out.contiguous(), o = out.contiguous();
   const at::Tensor ls = lse.to(acc_type).contiguous();
-  const at::Tensor bias = has_rpb(rpb) ? rpb->contiguous() : at::Tensor();
+  const at::Tensor gls = is_given(grad_lse) ? grad_lse->to(acc_type).contiguous() : at::Tensor();
+  const at::Tensor bias = is_given(rpb) ? rpb->contiguous() : at::Tensor();
   const Geometry g = make_geometry(q, q.size(4), kernel_size, dilation);
   at::Tensor grad_q = at::empty(q.sizes(), q.options());
   at::Tensor grad_k = at::empty(q.sizes(), q.options());
@@ -280,13 +289,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> na2d_fused_backward_c
   at::Tensor p = at::empty({g.batch, g.heads, g.height, g.width, g.window}, ls.options());
   at::Tensor ds = at::empty(p.sizes(), p.options());
 
-  const bool mma = g.dim > 0 && backward_query_side_mma(q, k, v, go, o, bias, ls, p, ds, grad_q,
-                                                        g, scale, stream);
+  const bool mma = g.dim > 0 && backward_query_side_mma(q, k, v, go, o, bias, ls, gls, p, ds,
+                                                        grad_q, g, scale, stream);
   const bool done = mma || (g.dim > 0 && with_tiled_type(dtype, [&](auto type) {
                               return query_side_tiled<decltype(type)>(
-                                  q, k, v, go, o, bias, ls, p, ds, grad_q, g, scale, stream);
+                                  q, k, v, go, o, bias, ls, gls, p, ds, grad_q, g, scale, stream);
                             }));
-  if (!done) query_side_simple(q, k, v, go, o, bias, ls, p, ds, grad_q, g, scale, stream);
+  if (!done) query_side_simple(q, k, v, go, o, bias, ls, gls, p, ds, grad_q, g, scale, stream);
   // the key side's tiles are larger (query halo): they may not fit where the query side's did
   const bool keys_done =
       done && (backward_key_side_mma(q, go, p, ds, grad_k, grad_v, g, scale, stream) ||

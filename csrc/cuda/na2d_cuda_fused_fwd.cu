@@ -152,7 +152,7 @@ std::tuple<at::Tensor, at::Tensor> na2d_fused_cuda(const at::Tensor& query, cons
   check_fused_args(query, key, value, rpb, kernel_size, dilation);
   c10::cuda::CUDAGuard guard(query.device());
   const at::Tensor q = query.contiguous(), k = key.contiguous(), v = value.contiguous();
-  const at::Tensor bias = has_rpb(rpb) ? rpb->contiguous() : at::Tensor();
+  const at::Tensor bias = is_given(rpb) ? rpb->contiguous() : at::Tensor();
   const Geometry g = make_geometry(q, q.size(4), kernel_size, dilation);
   const auto lse_type = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor out = at::empty(v.sizes(), v.options());

@@ -440,9 +440,10 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
     fused_bwd_mma_kernel(const T* __restrict__ query, const T* __restrict__ key,
                          const T* __restrict__ value, const T* __restrict__ grad_out,
                          const T* __restrict__ out, const T* __restrict__ rpb,
-                         const float* __restrict__ lse, float* __restrict__ p_map,
-                         float* __restrict__ ds_map, T* __restrict__ grad_q, const Geometry g,
-                         const float scale, const MmaConfig mc) {
+                         const float* __restrict__ lse, const float* __restrict__ grad_lse,
+                         float* __restrict__ p_map, float* __restrict__ ds_map,
+                         T* __restrict__ grad_q, const Geometry g, const float scale,
+                         const MmaConfig mc) {
 #if NAT_MM_MMA_DEVICE_CODE
   using M = typename MmaElement<T>::type;
   constexpr int D = KD * 16;
@@ -457,6 +458,7 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
     float delta = 0.f;
     for (int d = lq.half; d < D; d += 2) delta += Convert<M>::to(grow[d]) * Convert<M>::to(orow[d]);
     delta += __shfl_xor_sync(0xffffffffu, delta, 1);
+    if (grad_lse != nullptr) delta -= grad_lse[lq.index];  // ds then carries p * grad_lse
     const float lse_q = lse[lq.index];
     __syncwarp();
     float* p_row = p_map + lq.index * g.window;
@@ -630,15 +632,16 @@ bool fused_forward_mma(const at::Tensor& q, const at::Tensor& k, const at::Tenso
 
 bool backward_query_side_mma(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              const at::Tensor& go, const at::Tensor& o, const at::Tensor& rpb,
-                             const at::Tensor& lse, const at::Tensor& p, const at::Tensor& ds,
-                             const at::Tensor& grad_q, const Geometry& g, double scale,
-                             cudaStream_t stream) {
+                             const at::Tensor& lse, const at::Tensor& grad_lse,
+                             const at::Tensor& p, const at::Tensor& ds, const at::Tensor& grad_q,
+                             const Geometry& g, double scale, cudaStream_t stream) {
   return with_mma_type(q.scalar_type(), {q, k, v, go, o, grad_q}, [&](auto type) {
     using T = decltype(type);
     return launch_mma<T, BackwardMma>(
         MmaPass::kQuerySide, g, scale, q.device().index(), stream, q.const_data_ptr<T>(),
         k.const_data_ptr<T>(), v.const_data_ptr<T>(), go.const_data_ptr<T>(), o.const_data_ptr<T>(),
         rpb.defined() ? rpb.const_data_ptr<T>() : nullptr, lse.const_data_ptr<float>(),
+        grad_lse.defined() ? grad_lse.const_data_ptr<float>() : nullptr,
         p.mutable_data_ptr<float>(), ds.mutable_data_ptr<float>(), grad_q.mutable_data_ptr<T>());
   });
 }

@@ -299,7 +299,7 @@ at::Tensor na2d_qk_cuda(const at::Tensor& query, const at::Tensor& key,
   check_qk_args(query, key, rpb, kernel_size, dilation);
   c10::cuda::CUDAGuard guard(query.device());
   const at::Tensor q = query.contiguous(), k = key.contiguous();
-  const at::Tensor bias = has_rpb(rpb) ? rpb->contiguous() : at::Tensor();
+  const at::Tensor bias = is_given(rpb) ? rpb->contiguous() : at::Tensor();
   const Geometry g = make_geometry(q, q.size(4), kernel_size, dilation);
   at::Tensor out = at::empty({g.batch, g.heads, g.height, g.width, g.window}, q.options());
   launch_qk(q, k, bias, out, g, 1.0, current_stream(q));

@@ -60,13 +60,15 @@ def _fused(query, key, value, rpb, kernel_size, dilation, scale):
 
 
 def _fused_backward(grad_out, query, key, value, rpb, out, lse, kernel_size, dilation,
-                    scale):
+                    scale, grad_lse=None):
     _warn_once(query.device.type)
     acc = lse.dtype
     grad_out, value = grad_out.to(acc), value.to(acc)
     probs = (_logits(query, key, rpb, kernel_size, dilation, scale) - lse[..., None]).exp()
     grad_probs = reference.na2d_qk_reference(grad_out, value, kernel_size, dilation)
     delta = (grad_out * out.to(acc)).sum(-1, keepdim=True)
+    if grad_lse is not None:  # d lse / d logits = probs
+        delta = delta - grad_lse.to(acc)[..., None]
     grad_logits = probs * (grad_probs - delta)
     grad_q = reference.na2d_av_reference(grad_logits, key.to(acc), kernel_size, dilation)
     grad_k = reference.na2d_inverse_reference(grad_logits, query.to(acc), kernel_size,

@@ -12,11 +12,12 @@ Ops (all tensors heads-first ``[B, heads, H, W, ...]``):
   na2d_rpb_grad(grad_attn, kernel_size, dilation)        -> [heads, 2kh-1, 2kw-1]
   na2d_fused(query, key, value, rpb?, kernel_size, dilation, scale) -> (out, lse)
   na2d_fused_backward(grad_out, query, key, value, rpb?, out, lse, kernel_size,
-                      dilation, scale) -> (grad_query, grad_key, grad_value, grad_rpb)
+                      dilation, scale, grad_lse?)
+                      -> (grad_query, grad_key, grad_value, grad_rpb)
 ``lse`` (the log-sum-exp of each query's logits) is float32 (float64 for float64 input);
-na2d_fused's autograd differentiates it too (for direct callers; na2d discards it), through
-the composite backward, which stores the attention map. torch.compile gives every output
-of a compiled region a gradient, so a region that returns lse takes that backward too.
+na2d_fused's autograd differentiates it too (for direct callers; na2d discards it): the
+fused backward takes its gradient ``grad_lse`` (d lse / d logits = p adds p * grad_lse
+to the logits' gradient).
 The autograd formulas here are the backward of each op's autograd.Function (autograd.py).
 """
 import functools
@@ -37,8 +38,8 @@ SCHEMAS = {
                   'int[2] kernel_size, int[2] dilation, float scale) -> (Tensor, Tensor)',
     'na2d_fused_backward': 'na2d_fused_backward(Tensor grad_out, Tensor query, Tensor key, '
                            'Tensor value, Tensor? rpb, Tensor out, Tensor lse, '
-                           'int[2] kernel_size, int[2] dilation, float scale) '
-                           '-> (Tensor, Tensor, Tensor, Tensor)',
+                           'int[2] kernel_size, int[2] dilation, float scale, '
+                           'Tensor? grad_lse=None) -> (Tensor, Tensor, Tensor, Tensor)',
 }
 
 _lib = torch.library.Library(NAMESPACE, 'DEF')
@@ -115,7 +116,7 @@ def _fused_fake(query, key, value, rpb, kernel_size, dilation, scale):
 
 @torch.library.register_fake(qualified('na2d_fused_backward'))
 def _fused_backward_fake(grad_out, query, key, value, rpb, out, lse, kernel_size,
-                         dilation, scale):
+                         dilation, scale, grad_lse=None):
     heads = query.shape[1]
     return (query.new_empty(query.shape), key.new_empty(key.shape),
             value.new_empty(value.shape),
@@ -159,8 +160,7 @@ def _av_backward(ctx, grad_out):
 def _fused_setup(ctx, inputs, output):
     query, key, value, rpb, kernel_size, dilation, scale = inputs
     out, lse = output
-    # an unused output's gradient comes as None, not zeros: the fused backward kernel has
-    # no lse term, so a gradient of lse (na2d_fused called directly) takes the composite
+    # an unused output's gradient comes as None, not zeros (na2d discards lse)
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(query, key, value, rpb, out, lse)
     ctx.window = (kernel_size, dilation, scale)
@@ -173,17 +173,21 @@ def _fused_backward(ctx, grad_out, grad_lse):
         return (None, ) * 7
     if grad_out is not None:
         grad_out = kernel_layout(grad_out)
-    if torch.is_grad_enabled() or grad_lse is not None:
-        # backward(create_graph=True), or lse's gradient: the fused backward kernel has no
-        # derivative of its own and no lse term, so the unfused ops build the gradients
+    if torch.is_grad_enabled():
+        # backward(create_graph=True): the fused backward kernel has no derivative of its
+        # own, so the unfused ops build the gradients
         grads = _fused_grads_differentiable(grad_out, grad_lse, query, key, value, rpb,
                                             kernel_size, dilation, scale)
     else:
-        grads = op('na2d_fused_backward')(grad_out, query, key, value, rpb, out, lse,
-                                          kernel_size, dilation, scale)
+        # lse alone used: out's gradient is zero (and value's then too)
+        go = torch.zeros_like(out) if grad_out is None else grad_out
+        grads = op('na2d_fused_backward')(go, query, key, value, rpb, out, lse, kernel_size,
+                                          dilation, scale, grad_lse)
     grad_q, grad_k, grad_v, grad_rpb = grads
     if rpb is None:
         grad_rpb = None
+    if grad_out is None:  # lse does not depend on value
+        grad_v = None
     return grad_q, grad_k, grad_v, grad_rpb, None, None, None
 
 
