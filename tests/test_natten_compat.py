@@ -141,25 +141,58 @@ def test_module_matches_natten_math(size, kwargs):
                                rtol=1e-4)
 
 
-def test_use_fused_na_false_runs_the_unfused_ops_with_same_result(monkeypatch):
+def test_switches_are_recorded_with_natten_defaults_and_change_nothing(monkeypatch):
+    monkeypatch.setattr(natten.context, '_STATE', dict(natten.context._STATE))
+    assert not natten.is_fused_na_enabled() and not natten.is_fna_enabled()  # 0.17: off
     torch.manual_seed(0)
-    module = natten.NeighborhoodAttention2D(32, 2, 5, 2).double()
-    x = torch.randn(1, 10, 12, 32, dtype=torch.float64)
-    fused_out = module(x)
-    fused_grads = _grads(fused_out, list(module.parameters()))
-    calls = []
-    import nat_mm.models.attention as layer_module
-    unfused_qk = layer_module.na2d_qk
-    monkeypatch.setattr(layer_module, 'na2d_qk', lambda *a, **kw: calls.append(1) or
-                        unfused_qk(*a, **kw))
-    monkeypatch.setitem(natten._FUSED, 'enabled', True)
-    natten.use_fused_na(False)
+    module = natten.NeighborhoodAttention2D(32, 2, 5, 2).eval()
+    x = torch.randn(1, 10, 12, 32)
+    before = module(x)
+    natten.use_fused_na(mode=True, kv_parallel=True)
+    assert natten.is_fused_na_enabled() and natten.is_kv_parallelism_in_fused_na_enabled()
+    natten.use_kv_parallelism_in_fused_na(False)
+    natten.set_memory_usage_preference('unrestricted')
+    natten.use_autotuner(forward_pass=True, backward_pass=True)
+    assert not natten.is_kv_parallelism_in_fused_na_enabled() and natten.is_autotuner_enabled()
+    assert natten.get_memory_usage_preference() == 'unrestricted'
+    torch.testing.assert_close(module(x), before, atol=0, rtol=0)
+    natten.use_fused_na(mode=False)
     assert not natten.is_fused_na_enabled()
-    unfused_out = module(x)
-    assert calls, 'use_fused_na(False) did not switch to the unfused ops'
-    torch.testing.assert_close(unfused_out, fused_out)
-    for got, want in zip(_grads(unfused_out, list(module.parameters())), fused_grads):
-        torch.testing.assert_close(got, want)
+    with pytest.raises(ValueError, match='pref must be one of'):
+        natten.set_memory_usage_preference('lots')
+    assert natten.has_cuda() == (torch.cuda.is_available()
+                                 and natten.context.backend_info().get('cuda') == 'compiled')
+
+
+def test_natten_argument_conventions():
+    # `dilation or 1`, `qk_scale or head_dim ** -0.5`, and the bias cast to q's dtype
+    torch.manual_seed(0)
+    plain = natten.NeighborhoodAttention2D(32, 2, 3)
+    spelled = natten.NeighborhoodAttention2D(32, 2, 3, dilation=None, qk_scale=0.0)
+    spelled.load_state_dict(plain.state_dict())
+    x = torch.randn(1, 6, 7, 32)
+    assert spelled.dilation == 1 and spelled.scale == 16 ** -0.5
+    torch.testing.assert_close(spelled(x), plain(x))
+    q, k, v = (torch.randn(1, 6, 7, 2, 8, dtype=torch.bfloat16) for _ in range(3))
+    rpb = torch.randn(2, 5, 5)  # float32 parameter, bfloat16 q/k/v, no autocast
+    heads_first = [t.permute(0, 3, 1, 2, 4).double() for t in (q, k, v)]
+    want = na2d_reference(*heads_first, (3, 3), (1, 1), rpb.double(), 8 ** -0.5)
+    got = F.na2d(q, k, v, 3, rpb=rpb)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), want.permute(0, 2, 3, 1, 4), atol=5e-2, rtol=5e-2)
+    assert F.na2d_qk(heads_first[0].bfloat16(), heads_first[1].bfloat16(), 3,
+                     rpb=rpb).dtype == torch.bfloat16
+
+
+def test_module_reads_kernel_size_and_dilation_when_called():
+    torch.manual_seed(0)
+    module = natten.NeighborhoodAttention2D(16, 2, 3).eval()
+    module.dilation = 4  # set after construction: the window is 12 now, the map padded
+    x = torch.randn(1, 8, 9, 16)
+    torch.testing.assert_close(module(x), upstream_attention(module, x), atol=1e-5,
+                               rtol=1e-4)
+    with pytest.raises(ValueError, match=r'x must be 4-D channels-last \[B, H, W, C\]'):
+        module(x[0])
 
 
 def test_nat_block_attention_weights_load_into_the_natten_module():
@@ -189,9 +222,13 @@ def test_install_makes_import_natten_work_without_mmengine():
         from natten import NeighborhoodAttention2D
         from natten.functional import natten2dqkrpb, natten2dav
         import natten.functional
+        from natten.context import is_fna_enabled
         import torch
+        from nat_mm.models.layers import NATBlock
         assert natten is nat_mm.natten_compat
         assert natten.functional is nat_mm.natten_compat.functional
+        assert not is_fna_enabled()
+        NATBlock(32, 2, kernel_size=3)  # the layers build without mmengine's registry
         y = NeighborhoodAttention2D(dim=32, num_heads=2, kernel_size=3)(
             torch.randn(1, 5, 5, 32))
         print(tuple(y.shape))

@@ -2,7 +2,7 @@
 MODELS registries of mmdet and mmseg (whichever are installed).
 
 The backbones are mmengine BaseModules; the layers (``nat_mm.models.attention``,
-``nat_mm.models.layers``) are plain PyTorch and import without mmengine.
+``nat_mm.models.layers``) are plain PyTorch and build without mmengine.
 """
 import importlib.util
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nat_mm.ops import na2d, na2d_av, na2d_qk
-from nat_mm.ops.validation import IntOrPair, check_dilation, check_kernel_size
+from nat_mm.ops.validation import IntOrPair, as_pair, check_dilation, check_kernel_size
 
 
 def _exporting() -> bool:
@@ -43,9 +43,8 @@ class NeighborhoodAttention(nn.Module):
         self.scale = self.head_dims ** -0.5 if qk_scale is None else qk_scale
         self.kernel_size = kernel_size
         self.dilation = dilation
-        kernel_hw, dilation_hw = check_kernel_size(kernel_size), check_dilation(dilation)
-        # the smallest map the ops accept, per axis; smaller inputs are padded up to it
-        self.window = tuple(k * d for k, d in zip(kernel_hw, dilation_hw))
+        kernel_hw = check_kernel_size(kernel_size)
+        check_dilation(dilation)
         self.qkv = nn.Linear(embed_dims, embed_dims * 3, bias=qkv_bias)
         if rel_pos_bias:
             self.rpb = nn.Parameter(torch.zeros(num_heads, 2 * kernel_hw[0] - 1,
@@ -57,11 +56,20 @@ class NeighborhoodAttention(nn.Module):
         self.proj = nn.Linear(embed_dims, embed_dims)
         self.proj_drop = nn.Dropout(proj_drop_rate)
 
+    @property
+    def window(self):
+        """(h, w) of the smallest map the ops accept; smaller inputs are padded up to it."""
+        return tuple(k * d for k, d in zip(as_pair(self.kernel_size, 'kernel_size'),
+                                           as_pair(self.dilation, 'dilation')))
+
     def extra_repr(self) -> str:
         return (f'num_heads={self.num_heads}, kernel_size={self.kernel_size}, '
                 f'dilation={self.dilation}')
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError(f'x must be 4-D channels-last [B, H, W, C], got shape '
+                             f'{tuple(x.shape)}')
         height, width = x.shape[1:3]
         exporting = _exporting()
         pad_h, pad_w = (_shortfall(window, size, exporting)
@@ -84,15 +92,12 @@ class NeighborhoodAttention(nn.Module):
         return self.proj_drop(self.proj(out))
 
     def _attend(self, query, key, value):
+        rpb = self.rpb  # under autocast the NA ops cast it to the dtype of q/k/v
         # The fused op has no dropout inside; attention dropout needs the explicit map.
         if self.training and self.attn_drop.p > 0:
-            return self._attend_unfused(query, key, value)
-        # under autocast the NA ops cast the bias to the dtype of q/k/v
-        return na2d(query, key, value, self.kernel_size, self.dilation, rpb=self.rpb,
+            attn = na2d_qk(query * self.scale, key, self.kernel_size, self.dilation,
+                           rpb=rpb)
+            attn = self.attn_drop(attn.softmax(dim=-1))
+            return na2d_av(attn, value, self.kernel_size, self.dilation)
+        return na2d(query, key, value, self.kernel_size, self.dilation, rpb=rpb,
                     scale=self.scale)
-
-    def _attend_unfused(self, query, key, value):
-        attn = na2d_qk(query * self.scale, key, self.kernel_size, self.dilation,
-                       rpb=self.rpb)
-        attn = self.attn_drop(attn.softmax(dim=-1))
-        return na2d_av(attn, value, self.kernel_size, self.dilation)

@@ -21,13 +21,22 @@ def build_norm(norm_cfg: dict, num_features: int) -> nn.Module:
     return layer
 
 
+def _mm_registered(type_name: str):
+    """The class registered under type_name in mmengine's MODELS, or None (also without
+    mmengine: the layers are plain PyTorch)."""
+    try:
+        from mmengine.registry import MODELS
+    except ImportError:
+        return None
+    return MODELS.get(type_name)
+
+
 def build_activation(act_cfg: dict) -> nn.Module:
     cfg = dict(act_cfg)
     act_type = cfg.pop('type')
     if isinstance(act_type, type):  # configs may name the class itself
         return act_type(**cfg)
-    from mmengine.registry import MODELS
-    registered = MODELS.get(act_type)
+    registered = _mm_registered(act_type)
     if registered is not None:
         return registered(**cfg)
     if not isinstance(getattr(nn, act_type, None), type):

@@ -16,28 +16,11 @@ from typing import Optional
 
 from nat_mm.models.attention import NeighborhoodAttention
 from nat_mm.ops.validation import IntOrPair
-from . import functional
+from . import context, functional
+from .context import *  # noqa: F401,F403  (NATTEN exports its switches at the top level)
 from .functional import refuse_unsupported
 
-__all__ = ['NeighborhoodAttention2D', 'functional', 'install', 'use_fused_na',
-           'is_fused_na_enabled', 'use_autotuner']
-
-_FUSED = {'enabled': True}
-
-
-def use_fused_na(value: bool = True, **options) -> None:
-    """NATTEN 0.17's switch between fused and unfused modules. Both compute the same
-    attention here (the fused op trains the bias too); NATTEN's tuning options
-    (kv_parallel, use_flex_attention, ...) have no counterpart and are ignored."""
-    _FUSED['enabled'] = bool(value)
-
-
-def is_fused_na_enabled() -> bool:
-    return _FUSED['enabled']
-
-
-def use_autotuner(*args, **kwargs) -> None:
-    """NATTEN's kernel-tile autotuner switch: nat_mm picks its kernels itself."""
+__all__ = ['NeighborhoodAttention2D', 'context', 'functional', 'install'] + context.__all__
 
 
 class NeighborhoodAttention2D(NeighborhoodAttention):
@@ -60,18 +43,15 @@ class NeighborhoodAttention2D(NeighborhoodAttention):
             raise ValueError(f'bias={bias} and rel_pos_bias={rel_pos_bias} disagree: they '
                              'are the NATTEN <= 0.16 and 0.17 names of one switch, pass one')
         with_bias = next((b for b in (rel_pos_bias, bias) if b is not None), True)
-        super().__init__(dim, num_heads, kernel_size, dilation, qkv_bias, attn_drop,
-                         proj_drop, rel_pos_bias=with_bias, qk_scale=qk_scale)
+        # NATTEN's `dilation or 1` and `qk_scale or head_dim ** -0.5`
+        super().__init__(dim, num_heads, kernel_size, dilation or 1, qkv_bias, attn_drop,
+                         proj_drop, rel_pos_bias=with_bias, qk_scale=qk_scale or None)
         self.head_dim = self.head_dims  # NATTEN's attribute name
-
-    def _attend(self, query, key, value):
-        if is_fused_na_enabled():
-            return super()._attend(query, key, value)
-        return self._attend_unfused(query, key, value)
 
 
 def install() -> ModuleType:
-    """Make ``import natten`` (and ``natten.functional``) resolve to this layer."""
+    """Make ``import natten`` (and ``natten.functional``, ``natten.context``) resolve to
+    this layer."""
     this = sys.modules[__name__]
     present = sys.modules.get('natten')
     if present is not None and present is not this:
@@ -80,4 +60,5 @@ def install() -> ModuleType:
             'call nat_mm.natten_compat.install() before anything imports natten')
     sys.modules['natten'] = this
     sys.modules['natten.functional'] = functional
+    sys.modules['natten.context'] = context
     return this

@@ -1,4 +1,4 @@
-"""NATTEN's 2D functional API (0.14 to 0.17 names and signatures) on nat_mm's operators.
+"""NATTEN's 2D functional API (0.14.5 to 0.17 names and signatures) on nat_mm's operators.
 
 Unfused ops use NATTEN's heads-first layout [B, heads, H, W, D]; the fused ``na2d`` of
 NATTEN 0.17 takes heads-last [B, H, W, heads, D], as NATTEN's does. Unlike NATTEN's
@@ -30,12 +30,20 @@ def refuse_unsupported(is_causal=False, **extra_tokens) -> None:
                                       f'(NATTEN 0.17 cross attention); pass {name}=None')
 
 
+def bias_like(rpb: Optional[Tensor], query) -> Optional[Tensor]:
+    """rpb in query's dtype, as NATTEN casts it (a float32 bias meets half-precision q/k
+    outside autocast too)."""
+    if isinstance(rpb, Tensor) and isinstance(query, Tensor) and rpb.dtype != query.dtype:
+        return rpb.to(query.dtype)
+    return rpb
+
+
 def na2d_qk(query: Tensor, key: Tensor, kernel_size: IntOrPair, dilation: IntOrPair = 1,
             additional_keys: Optional[Tensor] = None, is_causal=False,
             rpb: Optional[Tensor] = None) -> Tensor:
     """NATTEN 0.17 ``na2d_qk``: unscaled logits (+ rpb), [B, heads, H, W, kh*kw]."""
     refuse_unsupported(is_causal, additional_keys=additional_keys)
-    return ops.na2d_qk(query, key, kernel_size, dilation, rpb=rpb)
+    return ops.na2d_qk(query, key, kernel_size, dilation, rpb=bias_like(rpb, query))
 
 
 def na2d_av(attn: Tensor, value: Tensor, kernel_size: IntOrPair, dilation: IntOrPair = 1,
@@ -55,23 +63,27 @@ def na2d(query: Tensor, key: Tensor, value: Tensor, kernel_size: IntOrPair,
         check_tensor(tensor, name, 5, '[B, H, W, heads, D] (NATTEN fused layout)')
     # permuted views: the kernels read the heads-last layout in place where they can
     heads_first = [t.permute(0, 3, 1, 2, 4) for t in (query, key, value)]
-    out = ops.na2d(*heads_first, kernel_size, dilation, rpb=rpb, scale=scale or None)
+    out = ops.na2d(*heads_first, kernel_size, dilation, rpb=bias_like(rpb, query),
+                   scale=scale or None)
     return out.permute(0, 2, 3, 1, 4)
 
 
 def natten2dqkrpb(query: Tensor, key: Tensor, rpb: Optional[Tensor], kernel_size: int,
                   dilation: int) -> Tensor:
-    """NATTEN <= 0.16 name of ``na2d_qk`` with a bias."""
-    return ops.na2d_qk(query, key, kernel_size, dilation, rpb=rpb)
+    """NATTEN 0.14.5-0.17.4 name of ``na2d_qk`` with a bias."""
+    return na2d_qk(query, key, kernel_size, dilation, rpb=rpb)
+
+
+na2d_qk_with_bias = natten2dqkrpb  # (the same signature under NATTEN 0.15-0.16's name)
 
 
 def natten2dqk(query: Tensor, key: Tensor, kernel_size: int, dilation: int) -> Tensor:
-    """NATTEN <= 0.16 name of ``na2d_qk`` without a bias."""
-    return ops.na2d_qk(query, key, kernel_size, dilation)
+    """NATTEN 0.14.5-0.17.4 name of ``na2d_qk`` without a bias."""
+    return na2d_qk(query, key, kernel_size, dilation)
 
 
 def natten2dav(attn: Tensor, value: Tensor, kernel_size: int, dilation: int) -> Tensor:
-    """NATTEN <= 0.16 name of ``na2d_av``."""
+    """NATTEN 0.14.5-0.17.4 name of ``na2d_av``."""
     return ops.na2d_av(attn, value, kernel_size, dilation)
 
 
