@@ -298,7 +298,7 @@ def test_fused_random_shapes(ops, seed, monkeypatch):
     monkeypatch.setenv(ORDER, rng.choice(['forward', 'reverse']))
     monkeypatch.setenv(POISON, rng.choice(['nan', 'huge']))
     _check_fused(ops, case, rng.choice(DTYPES), path, with_rpb=rng.random() < 0.8,
-                 check_kernels=False)
+                 check_kernels=False, with_grad_lse=rng.random() < 0.5)
 
 
 # ------------------------------------------------------------------ AddressSanitizer
@@ -334,8 +334,9 @@ def _asan_main(argv):
     runs = 0
     for path in ('simple', 'default', 'tensor-cores'):
         select_path(path, os.environ.__setitem__, lambda name: os.environ.pop(name, None))
-        for case in CASES:
-            _check_fused(ops, case, torch.float16, path, padded=False)
+        for i, case in enumerate(CASES):
+            _check_fused(ops, case, torch.float16, path, padded=False,
+                         with_grad_lse=i % 2 == 1)
             runs += 1
     for case in [CASES[1], CASES[3], CASES[5]]:
         test_unfused_ops(ops, case, torch.float32, padded=False)

@@ -109,7 +109,7 @@ def test_direct_op_calls_carry_dual_tangents(name):
                                   'na2d_fused'])
 def test_direct_op_calls_gradcheck_in_both_modes(name):
     # numerical derivatives against reverse mode and forward mode (the fused op's lse
-    # output included: its gradient takes the composite backward)
+    # output included: the fused backward kernel takes its gradient)
     primals, _ = primals_and_tangents()
     fn, inputs = direct_calls(*primals)[name]
     inputs = [x.detach().requires_grad_() for x in inputs]

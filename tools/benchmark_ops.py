@@ -8,8 +8,9 @@ forward and forward+backward for:
   swin_sdpa  window attention over non-overlapping 7x7 windows through
              torch.nn.functional.scaled_dot_product_attention, with a relative position bias
              as attn_mask (what Swin computes); the map is padded to a multiple of 7 first
-  nat_mm_lse (opt-in: --methods) the op torch.ops.nat_mm.na2d_fused called directly, its
-             lse output differentiated too (out + lse), which the fused backward takes
+  nat_mm_lse (opt-in: --methods nat_mm nat_mm_lse swin_sdpa; ratios need swin_sdpa) the
+             op torch.ops.nat_mm.na2d_fused called directly, its lse output differentiated
+             too (out + lse), which the fused backward takes
 plus the peak extra memory of each (a fresh subprocess per case, ru_maxrss). Ratios are to
 swin_sdpa of the same shape and pass, measured in this run.
 

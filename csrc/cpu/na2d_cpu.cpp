@@ -1044,7 +1044,7 @@ struct BackwardInputs {
 };
 
 // The query side of one row, with its per-thread buffers: the probabilities p and the
-// scaled logit gradients ds = scale * p * (dp - grad_out . out) of every query into
+// scaled logit gradients ds = scale * p * (dp - delta) of every query into
 // neighbor-major map rows [K2][W]; for a row it owns, also grad_q and the rpb bins.
 template <typename T>
 class BackwardQueryRows {

@@ -452,7 +452,8 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
     const LaneQuery& lq = w.lq;
     warp_scores<M, KD>(w.queries, w.keys, mc, sm.s_w);
     warp_scores<M, KD>(w.grads, w.values, mc, sm.d_w);
-    // delta = grad_out . out of the lane pair's query (each lane half of the channels)
+    // delta = grad_out . out of the lane pair's query (each lane half of the channels),
+    // less lse's gradient where given
     const M* grow = w.grads + lq.r * mc.stride;
     const M* orow = reinterpret_cast<const M*>(out) + lq.index * D;
     float delta = 0.f;
