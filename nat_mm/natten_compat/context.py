@@ -22,22 +22,37 @@ _STATE = {'fused_na': False, 'kv_parallel': False, 'autotuner': False,
 MEMORY_PREFERENCES = ('default', 'strict', 'unrestricted')
 
 
+def _flag(key: str):
+    """A NATTEN on/off switch and its query, over _STATE[key]."""
+    def use(mode: bool = True) -> None:
+        _STATE[key] = bool(mode)
+
+    def enabled() -> bool:
+        return _STATE[key]
+
+    return use, enabled
+
+
+_use_fused, is_fused_na_enabled = _flag('fused_na')
+use_kv_parallelism_in_fused_na, is_kv_parallelism_in_fused_na_enabled = _flag('kv_parallel')
+# nat_mm's kernels are deterministic in any case (the rpb gradient included)
+use_deterministic_algorithms, are_deterministic_algorithms_enabled = _flag('deterministic')
+_use_autotuner, is_autotuner_enabled = _flag('autotuner')
+
+
 def use_fused_na(mode: bool = True, kv_parallel: bool = False, **options) -> None:
     """Records the switch (and kv_parallel); later NATTEN options are accepted too."""
-    _STATE['fused_na'] = bool(mode)
-    _STATE['kv_parallel'] = bool(mode and kv_parallel)
+    _use_fused(mode)
+    use_kv_parallelism_in_fused_na(mode and kv_parallel)
 
 
-def is_fused_na_enabled() -> bool:
-    return _STATE['fused_na']
+def use_autotuner(forward_pass=None, backward_pass=None, **options) -> None:
+    if forward_pass is not None or backward_pass is not None:
+        _use_autotuner(forward_pass or backward_pass)
 
 
-def use_kv_parallelism_in_fused_na(mode: bool = True) -> None:
-    _STATE['kv_parallel'] = bool(mode)
-
-
-def is_kv_parallelism_in_fused_na_enabled() -> bool:
-    return _STATE['kv_parallel']
+def disable_autotuner() -> None:
+    _use_autotuner(False)
 
 
 def set_memory_usage_preference(pref: str = 'default') -> None:
@@ -48,28 +63,6 @@ def set_memory_usage_preference(pref: str = 'default') -> None:
 
 def get_memory_usage_preference() -> str:
     return _STATE['memory_preference']
-
-
-def use_autotuner(forward_pass=None, backward_pass=None, **options) -> None:
-    if forward_pass is not None or backward_pass is not None:
-        _STATE['autotuner'] = bool(forward_pass or backward_pass)
-
-
-def disable_autotuner() -> None:
-    _STATE['autotuner'] = False
-
-
-def is_autotuner_enabled() -> bool:
-    return _STATE['autotuner']
-
-
-def use_deterministic_algorithms(mode: bool = True) -> None:
-    """nat_mm's kernels are deterministic in any case (the rpb gradient included)."""
-    _STATE['deterministic'] = bool(mode)
-
-
-def are_deterministic_algorithms_enabled() -> bool:
-    return _STATE['deterministic']
 
 
 def _kernel_switch(mode: bool = True) -> None:
