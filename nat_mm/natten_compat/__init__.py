@@ -1,4 +1,4 @@
-"""Run code written for NATTEN <= 0.17 (NAT, DiNAT, StyleNAT, ...) on nat_mm's operators.
+"""Run code written for NATTEN 0.14.5 to 0.17 (NAT, DiNAT, StyleNAT, ...) on nat_mm's ops.
 
     import nat_mm.natten_compat
     nat_mm.natten_compat.install()       # `import natten` now gives this module
