@@ -1,9 +1,11 @@
 """Bad arguments raise a Python error naming the argument, before any kernel runs."""
+import warnings
+
 import pytest
 import torch
 
-from bad_op_calls import IDS, bad_calls
-from nat_mm.ops import backend_info, na2d, na2d_av, na2d_qk
+from bad_op_calls import DIL, IDS, KS, bad_calls
+from nat_mm.ops import backend_info, fallback, na2d, na2d_av, na2d_qk
 from nat_mm.ops.library import op
 
 SHAPE = (1, 2, 10, 12, 8)
@@ -124,3 +126,55 @@ def test_cpu_kernels_check_their_inputs(index):
     _, name, build, match = bad_calls('cpu')[index]
     with pytest.raises(RuntimeError, match=match):
         op(name)(*build(torch.randn(1, 2, 9, 9, 8)))
+
+
+@pytest.mark.parametrize('index', range(len(IDS)), ids=IDS)
+def test_reference_fallback_checks_its_inputs(index):
+    """The pure-PyTorch kernels that serve a device without compiled ones check raw op calls
+    as the compiled kernels do (a wrong-shaped lse, say, would otherwise broadcast)."""
+    _, name, build, match = bad_calls('cpu')[index]
+    with pytest.raises((TypeError, ValueError), match=match):
+        fallback._serving(name)(*build(torch.randn(1, 2, 9, 9, 8)))
+
+
+def test_reference_fallback_serves_good_calls_and_warns_once(monkeypatch):
+    monkeypatch.setattr(fallback, '_warned', set())
+    q, k, v = (torch.randn(1, 2, 9, 9, 8, dtype=torch.float64) for _ in range(3))
+    lse = torch.randn(1, 2, 9, 9, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match='slow pure-PyTorch reference'):
+        attn = fallback._serving('na2d_qk')(q, k, None, [3, 3], [1, 1])
+    torch.testing.assert_close(attn, fallback._qk(q, k, None, [3, 3], [1, 1]))
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # once per device type
+        got = fallback._serving('na2d_fused_backward')(q, q, k, v, None, q, lse, [3, 3],
+                                                         [1, 1], 0.5, grad_lse=lse)
+    want = fallback._fused_backward(q, q, k, v, None, q, lse, [3, 3], [1, 1], 0.5, lse)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+def _one_arg_on_meta(args):
+    """The argument lists with one tensor argument moved to the meta device, each."""
+    for i, arg in enumerate(args):
+        if isinstance(arg, torch.Tensor):
+            yield [a.to('meta') if j == i else a for j, a in enumerate(args)]
+
+
+def test_raw_calls_mixing_meta_and_real_tensors_are_refused():
+    """Meta outranks CPU in dispatch, so such a call reaches the fake kernel: it must raise,
+    not return uninitialised CPU tensors."""
+    q = torch.randn(1, 2, 9, 9, 8)
+    attn, lse, rpb = torch.randn(1, 2, 9, 9, 9), torch.zeros(1, 2, 9, 9), torch.randn(2, 5, 5)
+    calls = {
+        'na2d_qk': (q, q, rpb, KS, DIL), 'na2d_av': (attn, q, KS, DIL),
+        'na2d_inverse': (attn, q, KS, DIL), 'na2d_fused': (q, q, q, rpb, KS, DIL, 0.5),
+        'na2d_fused_backward': (q, q, q, q, rpb, q, lse, KS, DIL, 0.5, lse),
+    }
+    for name, args in calls.items():
+        for mixed in _one_arg_on_meta(args):
+            with pytest.raises(RuntimeError, match='move them to one device'):
+                op(name)(*mixed)
+        all_meta = [a.to('meta') if isinstance(a, torch.Tensor) else a for a in args]
+        for got, real in zip(torch.utils._pytree.tree_leaves(op(name)(*all_meta)),
+                             torch.utils._pytree.tree_leaves(op(name)(*args))):
+            assert got.device.type == 'meta' and got.shape == real.shape

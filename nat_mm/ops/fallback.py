@@ -1,14 +1,18 @@
 """Pure-PyTorch kernels for devices the compiled extension does not serve.
 
-Registered per dispatch key only where the extension registered nothing, and each one
-warns once the first time it runs, so a slow path is never taken silently.
+Registered per dispatch key only where the extension registered nothing. There each one
+checks its arguments as the compiled kernels do (validation.RAW_OP_CHECKS: a raw op call
+bypasses the public functions' checks) and warns once the first time it runs, so a slow
+path is never taken silently.
 """
+import functools
 import warnings
 
 import torch
 
 from . import reference
 from .library import lse_dtype, qualified
+from .validation import RAW_OP_CHECKS
 
 BUILD_HINT = ('build the extension with `pip install -e . --no-build-isolation` '
               '(see README)')
@@ -25,22 +29,18 @@ def _warn_once(device_type: str) -> None:
 
 
 def _qk(query, key, rpb, kernel_size, dilation):
-    _warn_once(query.device.type)
     return reference.na2d_qk_reference(query, key, kernel_size, dilation, rpb)
 
 
 def _av(attn, value, kernel_size, dilation):
-    _warn_once(value.device.type)
     return reference.na2d_av_reference(attn, value, kernel_size, dilation)
 
 
 def _inverse(weights, source, kernel_size, dilation):
-    _warn_once(source.device.type)
     return reference.na2d_inverse_reference(weights, source, kernel_size, dilation)
 
 
 def _rpb_grad(grad_attn, kernel_size, dilation):
-    _warn_once(grad_attn.device.type)
     return reference.na2d_rpb_grad_reference(grad_attn, kernel_size, dilation)
 
 
@@ -51,7 +51,6 @@ def _logits(query, key, rpb, kernel_size, dilation, scale):
 
 
 def _fused(query, key, value, rpb, kernel_size, dilation, scale):
-    _warn_once(query.device.type)
     logits = _logits(query, key, rpb, kernel_size, dilation, scale)
     lse = logits.logsumexp(-1)
     out = reference.na2d_av_reference((logits - lse[..., None]).exp(), value.to(lse.dtype),
@@ -61,7 +60,6 @@ def _fused(query, key, value, rpb, kernel_size, dilation, scale):
 
 def _fused_backward(grad_out, query, key, value, rpb, out, lse, kernel_size, dilation,
                     scale, grad_lse=None):
-    _warn_once(query.device.type)
     acc = lse.dtype
     grad_out, value = grad_out.to(acc), value.to(acc)
     probs = (_logits(query, key, rpb, kernel_size, dilation, scale) - lse[..., None]).exp()
@@ -94,6 +92,19 @@ def has_compiled_kernel(name: str, dispatch_key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(qualified(name), dispatch_key)
 
 
+def _serving(name: str):
+    """KERNELS[name] as the kernel of a device: arguments checked, one warning per device."""
+    kernel, check = KERNELS[name], RAW_OP_CHECKS[name]
+
+    @functools.wraps(kernel)
+    def serve(*args, **kwargs):
+        check(*args, **kwargs)
+        _warn_once(args[0].device.type)
+        return kernel(*args, **kwargs)
+
+    return serve
+
+
 def register_missing(dispatch_keys=('CPU', 'CUDA')):
     """Register the reference for every (op, key) that has no compiled kernel.
 
@@ -102,8 +113,8 @@ def register_missing(dispatch_keys=('CPU', 'CUDA')):
     served = {}
     for key in dispatch_keys:
         served[key] = set()
-        for name, fn in KERNELS.items():
+        for name in KERNELS:
             if not has_compiled_kernel(name, key):
-                torch.library.impl(qualified(name), key)(fn)
+                torch.library.impl(qualified(name), key)(_serving(name))
                 served[key].add(name)
     return served

@@ -21,6 +21,7 @@ to the logits' gradient).
 The autograd formulas here are the backward of each op's autograd.Function (autograd.py).
 """
 import functools
+import inspect
 
 import torch
 
@@ -87,34 +88,63 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # ---------------------------------------------------------------- fake (meta) kernels
-@torch.library.register_fake(qualified('na2d_qk'))
+def _fake(name: str):
+    """Registers a fake kernel of op ``name`` that first checks its tensors share a device.
+
+    A raw call mixing a meta tensor with real ones dispatches here (Meta outranks CPU and
+    CUDA), and the kernel would return uninitialised real tensors; under torch.compile the
+    check catches fake tensors of two devices at trace time. Shapes and dtypes are left to
+    the device kernels (na2d_checks.cpp), so no guard on a symbolic size is made here.
+    """
+    def register(kernel):
+        signature = inspect.signature(kernel)
+
+        @functools.wraps(kernel)
+        def checked(*args, **kwargs):
+            tensors = [(arg, value) for arg, value in
+                       signature.bind(*args, **kwargs).arguments.items()
+                       if isinstance(value, torch.Tensor)]
+            first, first_tensor = tensors[0]
+            for arg, tensor in tensors[1:]:
+                if tensor.device != first_tensor.device:
+                    raise RuntimeError(
+                        f'nat_mm: {arg} is on {tensor.device} but {first} is on '
+                        f'{first_tensor.device}: move them to one device')
+            return kernel(*args, **kwargs)
+
+        return torch.library.register_fake(qualified(name))(checked)
+
+    return register
+
+
+@_fake('na2d_qk')
 def _qk_fake(query, key, rpb, kernel_size, dilation):
     return query.new_empty((*query.shape[:4], kernel_size[0] * kernel_size[1]))
 
 
-@torch.library.register_fake(qualified('na2d_av'))
+@_fake('na2d_av')
 def _av_fake(attn, value, kernel_size, dilation):
     return value.new_empty(value.shape)
 
 
-@torch.library.register_fake(qualified('na2d_inverse'))
+@_fake('na2d_inverse')
 def _inverse_fake(weights, source, kernel_size, dilation):
     return source.new_empty(source.shape)
 
 
-@torch.library.register_fake(qualified('na2d_rpb_grad'))
+@_fake('na2d_rpb_grad')
 def _rpb_grad_fake(grad_attn, kernel_size, dilation):
     return grad_attn.new_empty(
         (grad_attn.shape[1], 2 * kernel_size[0] - 1, 2 * kernel_size[1] - 1))
 
 
-@torch.library.register_fake(qualified('na2d_fused'))
+@_fake('na2d_fused')
 def _fused_fake(query, key, value, rpb, kernel_size, dilation, scale):
     return (value.new_empty(value.shape),
             query.new_empty(query.shape[:4], dtype=lse_dtype(query.dtype)))
 
 
-@torch.library.register_fake(qualified('na2d_fused_backward'))
+@_fake('na2d_fused_backward')
 def _fused_backward_fake(grad_out, query, key, value, rpb, out, lse, kernel_size,
                          dilation, scale, grad_lse=None):
     heads = query.shape[1]

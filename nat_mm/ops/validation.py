@@ -105,45 +105,58 @@ def check_rpb(rpb: Optional[Tensor], query: Tensor, kernel_size: Tuple[int, int]
 QKV_LAYOUT = '[batch, heads, height, width, head_dim]'
 
 
+def check_like_query(query, tensor, name):
+    """A map with query's rank, dtype, device and shape (key, value, out, grad_out)."""
+    check_tensor(tensor, name, 5, QKV_LAYOUT)
+    check_same(query, 'query', tensor, name)
+    if tensor.shape != query.shape:
+        raise ValueError(f'{name} must have the shape of query {list(query.shape)}, got '
+                         f'{list(tensor.shape)}')
+
+
 def check_qk(query, key, kernel_size, dilation, rpb):
     """Validated (kernel_size, dilation) pairs for na2d_qk."""
     kernel_size, dilation = check_kernel_size(kernel_size), check_dilation(dilation)
     check_tensor(query, 'query', 5, QKV_LAYOUT)
-    check_tensor(key, 'key', 5, QKV_LAYOUT)
-    check_same(query, 'query', key, 'key')
-    if key.shape != query.shape:
-        raise ValueError(f'key must have the shape of query {list(query.shape)}, got '
-                         f'{list(key.shape)}')
+    check_like_query(query, key, 'key')
     check_map_size(query.shape[2], query.shape[3], kernel_size, dilation)
     check_rpb(rpb, query, kernel_size)
     return kernel_size, dilation
 
 
+def check_window_dim(weights, name, kernel_size):
+    """The last dim of an attention-shaped map: one entry per neighbor."""
+    window = kernel_size[0] * kernel_size[1]
+    if weights.shape[-1] != window:
+        raise ValueError(f'{name} last dim must be kernel_h*kernel_w = {window}, got '
+                         f'{weights.shape[-1]}: pass the kernel_size used for na2d_qk')
+
+
+def check_weights(weights, weights_name, source, source_name, kernel_size, dilation):
+    """Validated (kernel_size, dilation) pairs for a [B, heads, H, W, kh*kw] weight map over
+    a [B, heads, H, W, C] source (na2d_av: attn over value; na2d_inverse)."""
+    kernel_size, dilation = check_kernel_size(kernel_size), check_dilation(dilation)
+    check_tensor(source, source_name, 5, QKV_LAYOUT)
+    check_tensor(weights, weights_name, 5, '[batch, heads, height, width, kernel_h*kernel_w]')
+    check_same(source, source_name, weights, weights_name)
+    check_window_dim(weights, weights_name, kernel_size)
+    if weights.shape[:4] != source.shape[:4]:
+        raise ValueError(f'{weights_name} and {source_name} must agree in [batch, heads, '
+                         f'height, width]: {list(weights.shape[:4])} vs '
+                         f'{list(source.shape[:4])}')
+    check_map_size(source.shape[2], source.shape[3], kernel_size, dilation)
+    return kernel_size, dilation
+
+
 def check_av(attn, value, kernel_size, dilation):
     """Validated (kernel_size, dilation) pairs for na2d_av."""
-    kernel_size, dilation = check_kernel_size(kernel_size), check_dilation(dilation)
-    check_tensor(value, 'value', 5, QKV_LAYOUT)
-    check_tensor(attn, 'attn', 5, '[batch, heads, height, width, kernel_h*kernel_w]')
-    check_same(value, 'value', attn, 'attn')
-    window = kernel_size[0] * kernel_size[1]
-    if attn.shape[-1] != window:
-        raise ValueError(f'attn last dim must be kernel_h*kernel_w = {window}, got '
-                         f'{attn.shape[-1]}: pass the kernel_size used for na2d_qk')
-    if attn.shape[:4] != value.shape[:4]:
-        raise ValueError(f'attn and value must agree in [batch, heads, height, width]: '
-                         f'{list(attn.shape[:4])} vs {list(value.shape[:4])}')
-    check_map_size(value.shape[2], value.shape[3], kernel_size, dilation)
-    return kernel_size, dilation
+    return check_weights(attn, 'attn', value, 'value', kernel_size, dilation)
 
 
 def check_na2d(query, key, value, kernel_size, dilation, rpb, scale):
     """Validated (kernel_size, dilation, scale) for the fused na2d."""
     kernel_size, dilation = check_qk(query, key, kernel_size, dilation, rpb)
-    check_tensor(value, 'value', 5, QKV_LAYOUT)
-    check_same(query, 'query', value, 'value')
-    if value.shape != query.shape:
-        raise ValueError(f'value must have the shape of query {list(query.shape)}, got '
-                         f'{list(value.shape)}')
+    check_like_query(query, value, 'value')
     if scale is None:
         if query.shape[-1] == 0:
             raise ValueError('query has head_dim 0, so the default scale head_dim ** -0.5 '
@@ -157,3 +170,49 @@ def check_na2d(query, key, value, kernel_size, dilation, rpb, scale):
         raise ValueError(f'scale must be finite, got {scale}: pass e.g. head_dim ** -0.5 '
                          '(or None for that default)')
     return kernel_size, dilation, float(scale)
+
+
+# ---------------------------------------------------------------- raw op calls
+# The checks of each op's full argument list (torch.ops.nat_mm.*), for kernels that have no
+# compiled checks of their own: the pure-PyTorch fallback (fallback.py). The compiled
+# kernels check the same in C++ (csrc/na2d_checks.cpp).
+def _check_per_query(query, tensor, name):
+    """lse and its gradient: floating [batch, heads, height, width] on query's device."""
+    if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
+        raise TypeError(f'{name} must be a floating tensor [batch, heads, height, width]')
+    if tensor.device != query.device:
+        raise ValueError(f'{name} is on {tensor.device} but query is on {query.device}: '
+                         f'move them to one device')
+    if tensor.shape != query.shape[:4]:
+        raise ValueError(f'{name} must have shape [batch, heads, height, width] = '
+                         f'{list(query.shape[:4])}, got {list(tensor.shape)}')
+
+
+def _check_rpb_grad(grad_attn, kernel_size, dilation):
+    kernel_size, dilation = check_kernel_size(kernel_size), check_dilation(dilation)
+    check_tensor(grad_attn, 'grad_attn', 5, '[batch, heads, height, width, kernel_h*kernel_w]')
+    check_window_dim(grad_attn, 'grad_attn', kernel_size)
+    check_map_size(grad_attn.shape[2], grad_attn.shape[3], kernel_size, dilation)
+
+
+def _check_fused_backward(grad_out, query, key, value, rpb, out, lse, kernel_size, dilation,
+                          scale, grad_lse=None):
+    check_na2d(query, key, value, kernel_size, dilation, rpb, scale)
+    check_like_query(query, grad_out, 'grad_out')
+    check_like_query(query, out, 'out')
+    _check_per_query(query, lse, 'lse')
+    if grad_lse is not None:
+        _check_per_query(query, grad_lse, 'grad_lse')
+
+
+RAW_OP_CHECKS = {
+    'na2d_qk': lambda query, key, rpb, kernel_size, dilation: check_qk(
+        query, key, kernel_size, dilation, rpb),
+    'na2d_av': check_av,
+    'na2d_inverse': lambda weights, source, kernel_size, dilation: check_weights(
+        weights, 'weights', source, 'source', kernel_size, dilation),
+    'na2d_rpb_grad': _check_rpb_grad,
+    'na2d_fused': lambda query, key, value, rpb, kernel_size, dilation, scale: check_na2d(
+        query, key, value, kernel_size, dilation, rpb, scale),
+    'na2d_fused_backward': _check_fused_backward,
+}
