@@ -151,6 +151,10 @@ def test_reference_fallback_serves_good_calls_and_warns_once(monkeypatch):
     want = fallback._fused_backward(q, q, k, v, None, q, lse, [3, 3], [1, 1], 0.5, lse)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
+    # the scale is taken as it is, as the compiled kernels take it (NaN where they give NaN)
+    args = (q, k, v, None, [3, 3], [1, 1], float('inf'))
+    torch.testing.assert_close(fallback._serving('na2d_fused')(*args)[0],
+                               op('na2d_fused')(*args)[0], equal_nan=True)
 
 
 def _one_arg_on_meta(args):

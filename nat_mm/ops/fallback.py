@@ -93,14 +93,18 @@ def has_compiled_kernel(name: str, dispatch_key: str) -> bool:
 
 
 def _serving(name: str):
-    """KERNELS[name] as the kernel of a device: arguments checked, one warning per device."""
+    """KERNELS[name] as the kernel of a device: arguments checked, one warning per device,
+    outputs contiguous (the strides the fake kernels promise: torch.compile and opcheck
+    hold the real outputs to them)."""
     kernel, check = KERNELS[name], RAW_OP_CHECKS[name]
 
     @functools.wraps(kernel)
     def serve(*args, **kwargs):
         check(*args, **kwargs)
-        _warn_once(args[0].device.type)
-        return kernel(*args, **kwargs)
+        _warn_once(next(t for t in (*args, *kwargs.values())
+                        if isinstance(t, torch.Tensor)).device.type)
+        out = kernel(*args, **kwargs)
+        return tuple(t.contiguous() for t in out) if isinstance(out, tuple) else out.contiguous()
 
     return serve
 

@@ -64,6 +64,10 @@ def call(name: str, *args):
 
 def autocast_active(device_type: str) -> bool:
     """Whether an enabled torch.autocast region covers this device type."""
+    if device_type in ('cpu', 'cuda'):
+        # both have autocast: skip asking, since torch 2.11's dynamo cannot trace
+        # is_autocast_available (torch.compile(fullgraph=True) of na2d failed there)
+        return torch.is_autocast_enabled(device_type)
     return (torch.amp.is_autocast_available(device_type)
             and torch.is_autocast_enabled(device_type))
 

@@ -153,10 +153,16 @@ def check_av(attn, value, kernel_size, dilation):
     return check_weights(attn, 'attn', value, 'value', kernel_size, dilation)
 
 
-def check_na2d(query, key, value, kernel_size, dilation, rpb, scale):
-    """Validated (kernel_size, dilation, scale) for the fused na2d."""
+def check_fused_maps(query, key, value, kernel_size, dilation, rpb):
+    """Validated (kernel_size, dilation) pairs for the fused op's maps and bias."""
     kernel_size, dilation = check_qk(query, key, kernel_size, dilation, rpb)
     check_like_query(query, value, 'value')
+    return kernel_size, dilation
+
+
+def check_na2d(query, key, value, kernel_size, dilation, rpb, scale):
+    """Validated (kernel_size, dilation, scale) for the fused na2d."""
+    kernel_size, dilation = check_fused_maps(query, key, value, kernel_size, dilation, rpb)
     if scale is None:
         if query.shape[-1] == 0:
             raise ValueError('query has head_dim 0, so the default scale head_dim ** -0.5 '
@@ -174,12 +180,15 @@ def check_na2d(query, key, value, kernel_size, dilation, rpb, scale):
 
 # ---------------------------------------------------------------- raw op calls
 # The checks of each op's full argument list (torch.ops.nat_mm.*), for kernels that have no
-# compiled checks of their own: the pure-PyTorch fallback (fallback.py). The compiled
-# kernels check the same in C++ (csrc/na2d_checks.cpp).
+# compiled checks of their own: the pure-PyTorch fallback (fallback.py). They refuse what
+# the compiled kernels' checks (csrc/na2d_checks.cpp) refuse, and take the scale as it is
+# (an infinite one gives NaN there, as in C++), with Python's error types and messages.
 def _check_per_query(query, tensor, name):
     """lse and its gradient: floating [batch, heads, height, width] on query's device."""
     if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
-        raise TypeError(f'{name} must be a floating tensor [batch, heads, height, width]')
+        got = tensor.dtype if isinstance(tensor, Tensor) else type(tensor).__name__
+        raise TypeError(f'{name} must be a floating tensor [batch, heads, height, width], '
+                        f'got {got}')
     if tensor.device != query.device:
         raise ValueError(f'{name} is on {tensor.device} but query is on {query.device}: '
                          f'move them to one device')
@@ -197,7 +206,7 @@ def _check_rpb_grad(grad_attn, kernel_size, dilation):
 
 def _check_fused_backward(grad_out, query, key, value, rpb, out, lse, kernel_size, dilation,
                           scale, grad_lse=None):
-    check_na2d(query, key, value, kernel_size, dilation, rpb, scale)
+    check_fused_maps(query, key, value, kernel_size, dilation, rpb)
     check_like_query(query, grad_out, 'grad_out')
     check_like_query(query, out, 'out')
     _check_per_query(query, lse, 'lse')
@@ -212,7 +221,7 @@ RAW_OP_CHECKS = {
     'na2d_inverse': lambda weights, source, kernel_size, dilation: check_weights(
         weights, 'weights', source, 'source', kernel_size, dilation),
     'na2d_rpb_grad': _check_rpb_grad,
-    'na2d_fused': lambda query, key, value, rpb, kernel_size, dilation, scale: check_na2d(
-        query, key, value, kernel_size, dilation, rpb, scale),
+    'na2d_fused': lambda query, key, value, rpb, kernel_size, dilation, scale:
+        check_fused_maps(query, key, value, kernel_size, dilation, rpb),
     'na2d_fused_backward': _check_fused_backward,
 }
