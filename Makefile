@@ -2,7 +2,7 @@
 PYTHON ?= python
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: install demo test test-slow benchmark build gpu-check
+.PHONY: install demo test test-slow benchmark build gpu-check gpu-dry-run
 
 install:            ## everything on a fresh machine (idempotent)
 	PYTHON=$(PYTHON) bash tools/install.sh
@@ -25,3 +25,6 @@ benchmark:          ## operator and backbone benchmarks (CPU)
 
 gpu-check:          ## on a GPU machine: build, CUDA tests, GPU benchmark
 	bash tools/gpu_check.sh
+
+gpu-dry-run:        ## without a GPU: gpu-check's build and tests in the GPU image's versions
+	bash tools/gpu_image_dry_run.sh
