@@ -181,8 +181,8 @@ def check_na2d(query, key, value, kernel_size, dilation, rpb, scale):
 # ---------------------------------------------------------------- raw op calls
 # The checks of each op's full argument list (torch.ops.nat_mm.*), for kernels that have no
 # compiled checks of their own: the pure-PyTorch fallback (fallback.py). They refuse what
-# the compiled kernels' checks (csrc/na2d_checks.cpp) refuse, and take the scale as it is
-# (an infinite one gives NaN there, as in C++), with Python's error types and messages.
+# the compiled kernels' checks (csrc/na2d_checks.cpp) refuse, with Python's error types and
+# messages, and, as those, take any scale (the public na2d refuses a non-finite one).
 def _check_per_query(query, tensor, name):
     """lse and its gradient: floating [batch, heads, height, width] on query's device."""
     if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
