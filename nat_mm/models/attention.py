@@ -10,14 +10,21 @@ from nat_mm.ops.validation import IntOrPair, as_pair, check_dilation, check_kern
 
 
 def _exporting() -> bool:
+    # torch.export sets this flag while it traces; torch.compiler.is_exporting() returns it,
+    # but torch 2.11's dynamo answers True for that call under torch.compile as well
+    flag = getattr(torch.compiler, '_is_exporting_flag', None)
+    if flag is not None:
+        return bool(flag)
     is_exporting = getattr(torch.compiler, 'is_exporting', None)  # torch >= 2.5
     return bool(is_exporting and is_exporting())
 
 
-def _shortfall(window: int, size, exporting: bool):
-    # torch.sym_max under export keeps a symbolic size free of a guard; the plain max
-    # elsewhere (jit tracing, used by mmengine's FLOP counter, hands sizes over as tensors)
-    return torch.sym_max(0, window - size) if exporting else max(0, window - size)
+def _shortfall(window: int, size):
+    # torch.sym_max keeps a symbolic size (torch.export, dynamic shapes) free of a guard;
+    # the plain max for the rest: ints (torch 2.11's dynamo cannot trace sym_max of them)
+    # and the tensors jit tracing hands over (mmengine's FLOP counter)
+    return torch.sym_max(0, window - size) if isinstance(size, torch.SymInt) else max(
+        0, window - size)
 
 
 class NeighborhoodAttention(nn.Module):
@@ -72,7 +79,7 @@ class NeighborhoodAttention(nn.Module):
                              f'{tuple(x.shape)}')
         height, width = x.shape[1:3]
         exporting = _exporting()
-        pad_h, pad_w = (_shortfall(window, size, exporting)
+        pad_h, pad_w = (_shortfall(window, size)
                         for window, size in zip(self.window, (height, width)))
         # Eager skips the copy when nothing is padded; torch.export pads unconditionally
         # (by amounts that may be 0), so one exported program serves every input size
