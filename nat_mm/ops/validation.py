@@ -69,14 +69,18 @@ def _autocast_note(device: torch.device) -> str:
             f'{torch.get_autocast_dtype(device.type)}; float64 ones are left as they are)')
 
 
+def check_same_device(reference: Tensor, ref_name: str, other: Tensor, name: str) -> None:
+    if other.device != reference.device:
+        raise ValueError(f'{name} is on {other.device} but {ref_name} is on '
+                         f'{reference.device}: move them to one device')
+
+
 def check_same(reference: Tensor, ref_name: str, other: Tensor, name: str) -> None:
     if other.dtype != reference.dtype:
         raise TypeError(f'{name} has dtype {other.dtype} but {ref_name} has '
                         f'{reference.dtype}: cast them to one dtype'
                         f'{_autocast_note(reference.device)}')
-    if other.device != reference.device:
-        raise ValueError(f'{name} is on {other.device} but {ref_name} is on '
-                         f'{reference.device}: move them to one device')
+    check_same_device(reference, ref_name, other, name)
 
 
 def check_map_size(height: int, width: int, kernel_size: Tuple[int, int],
@@ -189,9 +193,7 @@ def _check_per_query(query, tensor, name):
         got = tensor.dtype if isinstance(tensor, Tensor) else type(tensor).__name__
         raise TypeError(f'{name} must be a floating tensor [batch, heads, height, width], '
                         f'got {got}')
-    if tensor.device != query.device:
-        raise ValueError(f'{name} is on {tensor.device} but query is on {query.device}: '
-                         f'move them to one device')
+    check_same_device(query, 'query', tensor, name)
     if tensor.shape != query.shape[:4]:
         raise ValueError(f'{name} must have shape [batch, heads, height, width] = '
                          f'{list(query.shape[:4])}, got {list(tensor.shape)}')
