@@ -26,9 +26,16 @@
 namespace nat_mm {
 
 // The message pieces joined; NAT_MM_CHECK(cond, "text", name, message_int(n), ...) raises
-// c10::Error with it when cond is false (the pieces are built only then).
+// c10::Error with it when cond is false (the pieces are built only then). The argument
+// checks raise what the Python checks raise for the same fault (validation.py), so a call
+// fails with one error type whichever kernel serves it: NAT_MM_CHECK_TYPE (a wrong dtype or
+// argument structure) gives Python a TypeError, NAT_MM_CHECK_VALUE (a wrong shape, value or
+// device) a ValueError.
 std::string message(std::initializer_list<std::string_view> parts);
 #define NAT_MM_CHECK(cond, ...) TORCH_CHECK((cond), ::nat_mm::message({__VA_ARGS__}))
+#define NAT_MM_CHECK_TYPE(cond, ...) TORCH_CHECK_TYPE((cond), ::nat_mm::message({__VA_ARGS__}))
+#define NAT_MM_CHECK_VALUE(cond, ...) \
+  TORCH_CHECK_VALUE((cond), ::nat_mm::message({__VA_ARGS__}))
 
 // Message text of a number / of a shape, e.g. "[1, 2, 9, 9, 8]".
 std::string message_int(int64_t value);

@@ -111,7 +111,7 @@ def _fake(name: str):
             first, first_tensor = tensors[0]
             for arg, tensor in tensors[1:]:
                 if tensor.device != first_tensor.device:
-                    raise RuntimeError(
+                    raise ValueError(  # as the kernels' checks (na2d_checks.cpp)
                         f'nat_mm: {arg} is on {tensor.device} but {first} is on '
                         f'{first_tensor.device}: move them to one device')
             return kernel(*args, **kwargs)
