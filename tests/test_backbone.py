@@ -244,9 +244,10 @@ def _frozen(module: nn.Module) -> bool:
 
 @pytest.mark.parametrize('frozen_stages', [-1, 0, 1, 2, 4])
 def test_frozen_stages(frozen_stages):
-    model = build(frozen_stages=frozen_stages)
+    model = build(frozen_stages=frozen_stages, drop_rate=0.1)
     model.train()  # must not unfreeze
     assert _frozen(model.patch_embed) == (frozen_stages >= 0)
+    assert _frozen(model.pos_drop) == (frozen_stages >= 0)  # frozen levels see no dropout
     for i in range(4):
         assert _frozen(model.levels[i]) == (i < frozen_stages)
         assert _frozen(getattr(model, f'norm{i}')) == (i < frozen_stages)

@@ -187,8 +187,9 @@ class NAT(BaseModule):
 
     # ------------------------------------------------------------------ training mode
     def _frozen_modules(self):
-        if self.frozen_stages >= 0:
+        if self.frozen_stages >= 0:  # the stem, and its dropout (else frozen levels see noise)
             yield self.patch_embed
+            yield self.pos_drop
         for i in range(min(self.frozen_stages, self.num_levels)):
             yield self.levels[i]
             if i in self.out_indices:
@@ -229,7 +230,8 @@ class NAT(BaseModule):
         nat_mm's loader serves: mmengine's would not find upstream checkpoints' weights
         (under 'model') nor strip 'backbone.', and would load nothing without an error."""
         entries = init_cfg if isinstance(init_cfg, (list, tuple)) else [init_cfg]
-        pretrained = [c for c in entries if isinstance(c, dict) and c.get('type') == 'Pretrained']
+        pretrained = [c for c in entries
+                      if isinstance(c, dict) and c.get('type') == 'Pretrained']
         if not pretrained:
             return None
         if len(entries) > 1:
