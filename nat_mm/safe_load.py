@@ -8,15 +8,17 @@ to the weights, a ``meta`` dict and the ``message_hub`` state, which hold
 * numpy scalars (``runtime_info['eta']`` is a ``numpy.float64``),
 * numpy arrays and their dtypes (the history of every logged scalar),
 * ``mmengine.logging.HistoryBuffer`` objects, whose ``statistics_methods`` dict refers to
-  ``HistoryBuffer.min/max/current/mean`` through ``getattr(HistoryBuffer, 'min')``.
+  ``HistoryBuffer.min/max/current/mean`` through ``getattr(HistoryBuffer, 'min')``,
+* with ``OneCycleLR``, the scheduler's ``anneal_func``, pickled as
+  ``getattr(OneCycleParamScheduler, '_annealing_cos')`` (or ``'_annealing_linear'``).
 
 So on torch >= 2.6 ``load_checkpoint``, ``Runner.resume`` and ``tools/train.py --resume``
 fail with ``Weights only load failed``. This module fixes that *without* turning
 ``weights_only`` off: :func:`allow_mm_checkpoint_types` adds exactly these globals to
 torch's allow-list (``torch.serialization.add_safe_globals``). ``builtins.getattr`` is
-never allowed; the name is bound to :func:`history_buffer_attribute`, which resolves only
-the statistics methods of ``HistoryBuffer`` and refuses anything else (a real ``getattr``
-in the allow-list would let a crafted pickle walk from any allowed class to ``eval``).
+never allowed; the name is bound to :func:`checkpoint_attribute`, which resolves only the
+class attributes named above and refuses anything else (a real ``getattr`` in the
+allow-list would let a crafted pickle walk from any allowed class to ``eval``).
 
 The allowed set was found empirically: a checkpoint saved by an mmengine ``Runner``
 (mmengine 0.10.7, numpy 2.x) and by mmdet/mmseg training runs, listed with
@@ -47,12 +49,14 @@ from typing import Callable, Dict, List, Tuple, Union
 import torch
 from torch.torch_version import TorchVersion
 
-__all__ = ['allow_mm_checkpoint_types', 'allowed_mm_globals', 'history_buffer_attribute',
+__all__ = ['allow_mm_checkpoint_types', 'allowed_mm_globals', 'checkpoint_attribute',
            'safe_torch_load', 'UnsafeCheckpointError', 'RNGStateHook', 'get_rng_state',
            'set_rng_state', 'harden_mmengine_checkpoint_loader']
 
 # HistoryBuffer's built-in statistics (mmengine/logging/history_buffer.py).
 _HISTORY_BUFFER_STATISTICS = ('min', 'max', 'current', 'mean')
+# OneCycleParamScheduler's anneal_func (mmengine/optim/scheduler/param_scheduler.py).
+_ONE_CYCLE_ANNEALING = ('_annealing_cos', '_annealing_linear')
 # numpy dtypes that hold plain numbers. The dtype *class* is what the unpickler checks when
 # it restores a dtype's state (BUILD); object, string, void and datetime dtypes stay out.
 _NUMPY_NUMERIC_DTYPES = ('bool', 'int8', 'int16', 'int32', 'int64', 'uint8', 'uint16',
@@ -65,22 +69,34 @@ class UnsafeCheckpointError(pickle.UnpicklingError):
     """A checkpoint holds something other than weights and plain metadata."""
 
 
-def history_buffer_attribute(owner, name):
-    """The only ``getattr`` a checkpoint may call: ``HistoryBuffer.<statistic>``.
+def _checkpoint_attributes() -> Dict[type, set]:
+    """{class: names of its functions that mm checkpoints pickle as getattr(class, name)}."""
+    from mmengine.logging import HistoryBuffer
+    from mmengine.optim.scheduler.param_scheduler import OneCycleParamScheduler
+    return {HistoryBuffer: set(_HISTORY_BUFFER_STATISTICS) | set(
+                HistoryBuffer._statistics_methods),
+            OneCycleParamScheduler: set(_ONE_CYCLE_ANNEALING)}
+
+
+def checkpoint_attribute(owner, name):
+    """The only ``getattr`` a checkpoint may call: a HistoryBuffer statistic or a
+    OneCycle annealing function (:func:`_checkpoint_attributes`).
 
     Bound to the pickle name ``builtins.getattr`` by :func:`allow_mm_checkpoint_types`.
     Returns the plain function (which the unpickler can then store, but not call).
     """
-    from mmengine.logging import HistoryBuffer
-    if owner is HistoryBuffer and isinstance(name, str):
-        allowed = set(_HISTORY_BUFFER_STATISTICS) | set(HistoryBuffer._statistics_methods)
-        member = HistoryBuffer.__dict__.get(name)
-        if name in allowed and isinstance(member, types.FunctionType):
+    allowed = _checkpoint_attributes()
+    if isinstance(owner, type) and owner in allowed and name in allowed[owner]:
+        member = owner.__dict__.get(name)
+        if isinstance(member, staticmethod):  # OneCycle's annealing functions
+            member = member.__func__
+        if isinstance(member, types.FunctionType):
             return member
     raise UnsafeCheckpointError(
         f'refusing getattr({getattr(owner, "__name__", type(owner).__name__)}, {name!r}) '
         f'in a checkpoint: only the statistics methods of mmengine HistoryBuffer '
-        f'({", ".join(_HISTORY_BUFFER_STATISTICS)}) may be looked up')
+        f'({", ".join(_HISTORY_BUFFER_STATISTICS)}) and the annealing functions of '
+        f'OneCycleParamScheduler ({", ".join(_ONE_CYCLE_ANNEALING)}) may be looked up')
 
 
 def allowed_mm_globals() -> Dict[str, Callable]:
@@ -91,12 +107,13 @@ def allowed_mm_globals() -> Dict[str, Callable]:
     core = np._core if hasattr(np, '_core') else np.core  # numpy 2.x / 1.x
     allowed: Dict[str, Callable] = {'numpy.ndarray': np.ndarray, 'numpy.dtype': np.dtype}
     try:
-        from mmengine.logging import HistoryBuffer
+        owners = _checkpoint_attributes()
     except ImportError:  # no mmengine: nothing saved its message hub either
         pass
     else:
-        allowed['mmengine.logging.history_buffer.HistoryBuffer'] = HistoryBuffer
-        allowed['builtins.getattr'] = history_buffer_attribute
+        for owner in owners:
+            allowed[f'{owner.__module__}.{owner.__qualname__}'] = owner
+        allowed['builtins.getattr'] = checkpoint_attribute
     for module in ('numpy._core.multiarray', 'numpy.core.multiarray'):
         allowed[f'{module}._reconstruct'] = core.multiarray._reconstruct
         allowed[f'{module}.scalar'] = core.multiarray.scalar
@@ -118,7 +135,7 @@ def allow_mm_checkpoint_types() -> List[str]:
         entries: List[Union[Callable, Tuple[Callable, str]]] = [
             (obj, name) for name, obj in allowed.items()]
     else:  # torch 2.4/2.5: no (object, name) entries; objects go by their own path
-        entries = [obj for obj in allowed.values() if obj is not history_buffer_attribute]
+        entries = [obj for obj in allowed.values() if obj is not checkpoint_attribute]
     torch.serialization.add_safe_globals(entries)
     _installed.extend(sorted(allowed))
     return list(_installed)

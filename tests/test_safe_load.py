@@ -211,7 +211,7 @@ def test_checkpoint_needs_exactly_the_allowed_globals(toy_checkpoint):
     assert needed <= allowed, f'not allowed: {needed - allowed}'
     aliases = {name for name in allowed
                if name.startswith(('numpy.core.', 'numpy.dtypes.'))}
-    assert allowed - aliases == needed
+    assert allowed - aliases - ONE_CYCLE == needed  # (ONE_CYCLE: the OneCycleLR test)
 
 
 def test_checkpoint_loads_with_weights_only(toy_checkpoint):
@@ -234,12 +234,19 @@ def test_mmengine_load_checkpoint(toy_checkpoint):
 def test_getattr_is_not_a_real_getattr():
     from mmengine.logging import HistoryBuffer
     from mmengine.logging.history_buffer import HistoryBuffer as HB
-    assert safe_load.history_buffer_attribute(HistoryBuffer, 'mean') is HB.mean
+    from mmengine.optim.scheduler import OneCycleLR
+    one_cycle = OneCycleLR.__mro__[2]  # OneCycleParamScheduler, the functions' owner
+    assert safe_load.checkpoint_attribute(HistoryBuffer, 'mean') is HB.mean
+    assert safe_load.checkpoint_attribute(one_cycle, '_annealing_cos') is (
+        one_cycle._annealing_cos)
     for owner, name in [(HistoryBuffer, '__init__'), (HistoryBuffer, 'update'),
                         (HistoryBuffer, '__class__'), (torch.Tensor, 'mean'),
-                        (os, 'system'), (HistoryBuffer.mean, '__globals__')]:
+                        (os, 'system'), (HistoryBuffer.mean, '__globals__'),
+                        (one_cycle, 'step'), (one_cycle, '__init__'), (OneCycleLR, 'step'),
+                        (one_cycle, 'mean'), (HistoryBuffer, '_annealing_cos'),
+                        (one_cycle._annealing_cos, '__globals__')]:
         with pytest.raises(safe_load.UnsafeCheckpointError):
-            safe_load.history_buffer_attribute(owner, name)
+            safe_load.checkpoint_attribute(owner, name)
 
 
 def _clean_env():
@@ -310,6 +317,21 @@ def test_resume_bitwise_with_validation_after_the_checkpoint(tmp_path, restore_d
     """The recipes validate right after saving: what validation draws from the RNG must not
     reach the uninterrupted run's next steps either."""
     assert_resume_bitwise(tmp_path, ToyModel, ToyDataset(), val_interval=N_ITERS // 2)
+
+
+ONE_CYCLE = {'mmengine.optim.scheduler.param_scheduler.OneCycleParamScheduler'}
+
+
+@pytest.mark.parametrize('anneal', ['cos', 'linear'])
+def test_resume_bitwise_one_cycle(tmp_path, restore_determinism, anneal):
+    """OneCycleLR's state holds its annealing function (pickled as a getattr on its class):
+    its checkpoints were refused before that was allowed."""
+    checkpoint = assert_resume_bitwise(
+        tmp_path, ToyModel, ToyDataset(),
+        param_scheduler=[dict(type='OneCycleLR', eta_max=0.05, total_steps=N_ITERS,
+                              anneal_strategy=anneal, by_epoch=False)])
+    assert ONE_CYCLE <= globals_beyond_torch_defaults(checkpoint) <= set(
+        safe_load.allowed_mm_globals())
 
 
 def test_resume_bitwise_sgd_momentum(tmp_path, restore_determinism):
