@@ -33,8 +33,10 @@ def parse_args(argv=None):
                         'segmentation: write predicted label maps into this folder')
     parser.add_argument('--show', action='store_true', help='show predictions in a window')
     parser.add_argument('--show-dir', help='save images with predictions drawn into '
-                        'this folder (relative paths are inside the work dir\'s '
-                        'timestamped run folder)')
+                        'this folder; as in mmdet\'s and mmseg\'s own test.py, a relative '
+                        'path is inside the work dir\'s timestamped run folder for '
+                        'detection, and relative to the current directory for '
+                        'segmentation (images under DIR/vis_data/vis_image)')
     parser.add_argument('--wait-time', type=float, default=2,
                         help='with --show: seconds each image is shown')
     parser.add_argument('--metrics-out', type=str,
