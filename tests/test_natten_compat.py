@@ -152,10 +152,26 @@ def test_switches_are_recorded_with_natten_defaults_and_change_nothing(monkeypat
     assert natten.is_fused_na_enabled() and natten.is_kv_parallelism_in_fused_na_enabled()
     natten.use_kv_parallelism_in_fused_na(False)
     natten.set_memory_usage_preference('unrestricted')
-    natten.use_autotuner(forward_pass=True, backward_pass=True)
+    natten.use_autotuner(forward_pass=True)
     assert not natten.is_kv_parallelism_in_fused_na_enabled() and natten.is_autotuner_enabled()
-    assert natten.get_memory_usage_preference() == 'unrestricted'
+    assert natten.is_autotuner_enabled_for_forward()
+    assert not natten.is_autotuner_enabled_for_backward()
+    assert natten.get_memory_usage_preference() is natten.MemoryUsagePreference.Unrestricted
+    assert natten.is_memory_usage_unrestricted() and not natten.is_memory_usage_default()
+    # libnatten's kernel switches: on by default, recorded, and the older forms return them
+    for use, enabled, enable, disable in [
+            (natten.use_tiled_na, natten.is_tiled_na_enabled, natten.enable_tiled_na,
+             natten.disable_tiled_na),
+            (natten.use_gemm_na, natten.is_gemm_na_enabled, natten.enable_gemm_na,
+             natten.disable_gemm_na),
+            (natten.use_tf32_in_gemm_na, natten.is_tf32_in_gemm_na_enabled, natten.enable_tf32,
+             natten.disable_tf32)]:
+        assert enabled()
+        use(False)
+        assert not enabled() and enable() and enabled() and not disable()
     torch.testing.assert_close(module(x), before, atol=0, rtol=0)
+    natten.disable_autotuner()
+    assert not natten.is_autotuner_enabled()
     natten.use_fused_na(mode=False)
     assert not natten.is_fused_na_enabled()
     with pytest.raises(ValueError, match='pref must be one of'):
