@@ -130,7 +130,11 @@ class NAT(BaseModule):
         if pretrained is None:
             return init_cfg
         if init_cfg is not None:
-            raise ValueError('init_cfg and pretrained cannot both be set; use init_cfg')
+            raise ValueError(
+                f'init_cfg and pretrained ({pretrained!r}) cannot both be set; use init_cfg. '
+                'If your config does not set pretrained, it comes from model.pretrained of a '
+                "base config (mmseg's segmentors pass it to the backbone): set "
+                'model.pretrained=None')
         if not isinstance(pretrained, str):
             raise TypeError(f'pretrained must be a str or None, got {type(pretrained)}')
         warnings.warn('DeprecationWarning: pretrained is deprecated, use '
