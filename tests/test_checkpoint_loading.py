@@ -225,6 +225,16 @@ def test_convert_tool(tmp_path):
     assert report.ok and all(OUTPUT_NORM.match(k) for k in report.missing)
 
 
+def test_convert_tool_reports_bad_input_without_a_traceback(tmp_path, capsys):
+    convert_checkpoint = import_tool('convert_checkpoint')
+    other = save(tmp_path, {'model': {'fc.weight': torch.zeros(2, 2)}})
+    for src, message in [(other, 'CheckpointLoadError: not a NAT/DiNAT state dict'),
+                         (str(tmp_path / 'missing.pth'), 'FileNotFoundError')]:
+        assert convert_checkpoint.main([src, str(tmp_path / 'out.pth')]) == 1
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / 'out.pth').exists()
+
+
 def test_convert_tool_help():
     tool = os.path.join(REPO, 'tools', 'convert_checkpoint.py')
     result = subprocess.run([sys.executable, tool, '--help'], capture_output=True, text=True,

@@ -130,6 +130,14 @@ def test_det_test_tool(det_run, workspace):
         assert key in m and -1 <= m[key] <= 1
     assert osp.getsize(preds) > 0
     assert len(glob.glob(str(workspace / 'det_test' / '*' / 'vis' / '*.jpg'))) == 4
+    # argument errors are named before the runner is built, without a traceback
+    for args, message in [(('missing.pth', ), "checkpoint 'missing.pth' not found"),
+                          ((wd / 'epoch_2.pth', '--out', 'preds.json'),
+                           '--out for detection must be a .pkl file')]:
+        rc, out = tool('test.py', DET_CFG, *args, '--work-dir', workspace / 'det_bad',
+                       cwd=workspace, expect_ok=False)
+        assert rc == 1 and message in out and 'Traceback' not in out, out[-3000:]
+    assert not osp.exists(workspace / 'det_bad')
 
 
 def test_det_image_demo(det_run, workspace):

@@ -44,21 +44,25 @@ def read(src: str, trust_pickle: bool) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from nat_mm.checkpoint import (extract_state_dict, infer_arch,
+    from nat_mm.checkpoint import (CheckpointLoadError, extract_state_dict, infer_arch,
                                    load_backbone_state_dict, to_backbone_keys,
                                    to_mm_checkpoint)
     from nat_mm.models import NAT
 
-    state_dict = extract_state_dict(read(args.src, args.trust_pickle))
-    arch = infer_arch(to_backbone_keys(state_dict)[0])
-    if args.kernel_size is not None:
-        arch['kernel_size'] = args.kernel_size
-    print(f'architecture read from the checkpoint: {arch}')
-    with torch.device('meta'):  # weights come from the checkpoint; skip random init
-        model = NAT(**arch)
-    model = model.to_empty(device='cpu')
-    report = load_backbone_state_dict(model, state_dict, strict=not args.non_strict,
-                                      source=args.src, logger=None)  # prints it
+    try:
+        state_dict = extract_state_dict(read(args.src, args.trust_pickle))
+        arch = infer_arch(to_backbone_keys(state_dict)[0])
+        if args.kernel_size is not None:
+            arch['kernel_size'] = args.kernel_size
+        print(f'architecture read from the checkpoint: {arch}')
+        with torch.device('meta'):  # weights come from the checkpoint; skip random init
+            model = NAT(**arch)
+        model = model.to_empty(device='cpu')
+        report = load_backbone_state_dict(model, state_dict, strict=not args.non_strict,
+                                          source=args.src, logger=None)  # prints it
+    except (CheckpointLoadError, FileNotFoundError) as error:  # a message, not a traceback
+        print(f'{type(error).__name__}: {error}', file=sys.stderr)
+        return 1
     meta = dict(converted_from=args.src, arch=arch)
     torch.save(to_mm_checkpoint(model, report, meta), args.dst)
     print(f'saved {len(report.loaded)} tensors to {args.dst}')

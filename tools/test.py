@@ -122,12 +122,17 @@ def main(argv=None):
         cfg.test_evaluator['keep_results'] = True
     adapt_to_cpu(cfg, args.launcher, logger_print=lambda *a: None)
     require_datasets(cfg, ['test'], scope)
+    # argument errors before the runner is built (a minute with real data)
+    if not args.checkpoint.startswith(('http://', 'https://')) and not osp.isfile(
+            args.checkpoint):
+        raise SystemExit(f'checkpoint {args.checkpoint!r} not found')
+    if args.out is not None and scope == 'mmdet' and not args.out.endswith(
+            ('.pkl', '.pickle')):
+        raise SystemExit('--out for detection must be a .pkl file')
 
     runner = build_runner(cfg)
 
     if args.out is not None and scope == 'mmdet':
-        if not args.out.endswith(('.pkl', '.pickle')):
-            raise ValueError('--out for detection must be a .pkl file')
         from mmdet.evaluation import DumpDetResults
         runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=args.out))
 
