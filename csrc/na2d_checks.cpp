@@ -20,42 +20,55 @@ std::string message_ints(at::IntArrayRef values) {
 
 namespace {
 
+// The checks run in the order of the Python checks (validation.py), so a call with two
+// faults raises the same error type on every path: kernel_size before dilation, a tensor's
+// dtype before its rank, a tensor's dtype against its reference before their devices.
+
+void check_pair(at::IntArrayRef pair, const char* name) {
+  NAT_MM_CHECK_TYPE(pair.size() == 2, "nat_mm: ", name, " must have 2 entries, got ",
+                    message_ints(pair));
+}
+
 void check_window(at::IntArrayRef kernel_size, at::IntArrayRef dilation) {
-  NAT_MM_CHECK_TYPE(kernel_size.size() == 2, "nat_mm: kernel_size must have 2 entries, got ",
-                    message_ints(kernel_size));
-  NAT_MM_CHECK_TYPE(dilation.size() == 2, "nat_mm: dilation must have 2 entries, got ",
-                    message_ints(dilation));
+  check_pair(kernel_size, "kernel_size");
   for (int a = 0; a < 2; ++a) {
     NAT_MM_CHECK_VALUE(kernel_size[a] >= 3 && kernel_size[a] % 2 == 1,
                        "nat_mm: kernel_size must be odd and >= 3 along each axis, got ",
                        message_ints(kernel_size));
+  }
+  check_pair(dilation, "dilation");
+  for (int a = 0; a < 2; ++a) {
     NAT_MM_CHECK_VALUE(dilation[a] >= 1, "nat_mm: dilation must be >= 1 along each axis, got ",
                        message_ints(dilation));
   }
 }
 
-// A defined 5-D floating tensor [batch, heads, height, width, C].
-void check_5d(const at::Tensor& t, const char* name) {
+// A defined floating tensor of `rank` dimensions, laid out as `layout`.
+void check_floating(const at::Tensor& t, const char* name, int64_t rank, const char* layout) {
   NAT_MM_CHECK_TYPE(t.defined(), "nat_mm: ", name, " is undefined");
-  NAT_MM_CHECK_VALUE(t.dim() == 5, "nat_mm: ", name,
-                     " must be 5-D [batch, heads, height, width, C], got shape ",
-                     message_ints(t.sizes()));
   const at::ScalarType type = t.scalar_type();
   NAT_MM_CHECK_TYPE(type == at::kFloat || type == at::kDouble || type == at::kHalf ||
                         type == at::kBFloat16,
                     "nat_mm: ", name, " must be float16, bfloat16, float32 or float64, got ",
                     c10::toString(type));
+  NAT_MM_CHECK_VALUE(t.dim() == rank, "nat_mm: ", name, " must be ", message_int(rank), "-D ",
+                     layout, ", got shape ", message_ints(t.sizes()));
 }
 
-// t on ref's device with ref's dtype (the kernels read every input in one type).
+// A map [batch, heads, height, width, C].
+void check_5d(const at::Tensor& t, const char* name) {
+  check_floating(t, name, 5, "[batch, heads, height, width, C]");
+}
+
+// t with ref's dtype on ref's device (the kernels read every input in one type).
 void check_like(const at::Tensor& t, const char* name, const at::Tensor& ref,
                 const char* ref_name) {
-  NAT_MM_CHECK_VALUE(t.device() == ref.device(), "nat_mm: ", name, " is on ",
-                     t.device().str(), " but ", ref_name, " is on ", ref.device().str(),
-                     ": move them to one device");
   NAT_MM_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), "nat_mm: ", name, " has dtype ",
                     c10::toString(t.scalar_type()), " but ", ref_name, " has ",
                     c10::toString(ref.scalar_type()), ": cast them to one dtype");
+  NAT_MM_CHECK_VALUE(t.device() == ref.device(), "nat_mm: ", name, " is on ",
+                     t.device().str(), " but ", ref_name, " is on ", ref.device().str(),
+                     ": move them to one device");
 }
 
 // A 5-D tensor with ref's device, dtype and shape.
@@ -81,8 +94,9 @@ void check_map_size(const at::Tensor& t, at::IntArrayRef kernel_size,
 void check_rpb(const std::optional<at::Tensor>& rpb, const at::Tensor& query,
                at::IntArrayRef kernel_size) {
   if (!is_given(rpb)) return;
+  check_floating(*rpb, "rpb", 3, "[heads, 2*kernel_h-1, 2*kernel_w-1]");
   check_like(*rpb, "rpb", query, "query");
-  NAT_MM_CHECK_VALUE(rpb->dim() == 3 && rpb->size(0) == query.size(1) &&
+  NAT_MM_CHECK_VALUE(rpb->size(0) == query.size(1) &&
                          rpb->size(1) == 2 * kernel_size[0] - 1 &&
                          rpb->size(2) == 2 * kernel_size[1] - 1,
                      "nat_mm: rpb must have shape [heads, 2*kernel_h-1, 2*kernel_w-1] = ",
@@ -93,10 +107,11 @@ void check_rpb(const std::optional<at::Tensor>& rpb, const at::Tensor& query,
 
 // A floating [batch, heads, height, width] tensor on query's device (lse, grad_lse).
 void check_per_query(const at::Tensor& t, const char* name, const at::Tensor& query) {
-  NAT_MM_CHECK_VALUE(t.defined() && t.device() == query.device(), "nat_mm: ", name,
-                     " must be on ", query.device().str(), ", the device of query");
-  NAT_MM_CHECK_TYPE(at::isFloatingType(t.scalar_type()), "nat_mm: ", name,
-                    " must be floating, got ", c10::toString(t.scalar_type()));
+  NAT_MM_CHECK_TYPE(t.defined() && at::isFloatingType(t.scalar_type()), "nat_mm: ", name,
+                    " must be a floating tensor [batch, heads, height, width], got ",
+                    t.defined() ? c10::toString(t.scalar_type()) : "an undefined tensor");
+  NAT_MM_CHECK_VALUE(t.device() == query.device(), "nat_mm: ", name, " must be on ",
+                     query.device().str(), ", the device of query");
   NAT_MM_CHECK_VALUE(t.sizes() == query.sizes().slice(0, 4), "nat_mm: ", name,
                      " must have shape [batch, heads, height, width] = ",
                      message_ints(query.sizes().slice(0, 4)), ", got ",

@@ -137,6 +137,68 @@ def test_reference_fallback_checks_its_inputs(index):
         fallback._serving(name)(*build(torch.randn(1, 2, 9, 9, 8)))
 
 
+# Calls with two faults: the first fault the checks meet decides the error's type, so the
+# compiled checks, the fallback's and the fake kernels' must meet them in one order.
+MAP_FAULTS = {'integer': lambda x: x.int(), 'float64': lambda x: x.double(),
+              'rank': lambda x: x[0], 'meta': lambda x: x.to('meta'),
+              'shape': lambda x: x[..., :-1], 'rank+integer': lambda x: x[0].int(),
+              'meta+float64': lambda x: x.to('meta', torch.float64)}
+BIAS_FAULTS = {'integer': lambda r: r.int(), 'float64': lambda r: r.double(),
+               'rank': lambda r: r[0], 'meta': lambda r: r.to('meta'),
+               'shape': lambda r: r[:, :3, :3], 'rank+float64': lambda r: r[0].double()}
+LSE_FAULTS = {'integer': lambda x: x.int(), 'meta': lambda x: x.to('meta'),
+              'shape': lambda x: x[..., :-1], 'meta+integer': lambda x: x.to('meta').int()}
+PAIR_FAULTS = {'entries': lambda p: p[:1], 'value': lambda p: [0, 1]}
+
+
+def _two_fault_calls():
+    q, rpb, lse = torch.randn(1, 2, 9, 9, 8), torch.randn(2, 5, 5), torch.zeros(1, 2, 9, 9)
+    attn = torch.randn(1, 2, 9, 9, 9)
+    calls = {  # op: (good arguments, {argument index: its faults})
+        'na2d_qk': ((q, q, rpb, KS, DIL),
+                    {0: MAP_FAULTS, 1: MAP_FAULTS, 2: BIAS_FAULTS, 3: PAIR_FAULTS,
+                     4: PAIR_FAULTS}),
+        'na2d_av': ((attn, q, KS, DIL), {0: MAP_FAULTS, 1: MAP_FAULTS, 3: PAIR_FAULTS}),
+        'na2d_fused_backward': ((q, q, q, q, rpb, q, lse, KS, DIL, 0.5, lse),
+                                {0: MAP_FAULTS, 3: MAP_FAULTS, 5: MAP_FAULTS,
+                                 6: LSE_FAULTS, 10: LSE_FAULTS}),
+    }
+    for name, (good, faults) in calls.items():
+        singles = [(i, fault, make) for i, table in faults.items()
+                   for fault, make in table.items()]
+        for a, (i, fault_i, make_i) in enumerate(singles):
+            for j, fault_j, make_j in singles[a + 1:]:
+                if i != j:
+                    args = list(good)
+                    args[i], args[j] = make_i(args[i]), make_j(args[j])
+                    yield f'{name}[{i}:{fault_i},{j}:{fault_j}]', name, args
+
+
+def _outcome(call):
+    try:
+        call()
+    except (TypeError, ValueError, RuntimeError) as error:
+        return type(error).__name__
+    return 'ok'
+
+
+def test_every_path_raises_one_type_for_two_faults():
+    """The compiled kernels (or, for meta tensors, the fake kernels) and the pure-PyTorch
+    fallback raise the same error type for a call with two faults."""
+    if backend_info()['cpu'] != 'compiled':
+        pytest.skip('the compiled extension is not built')
+    differ, count = [], 0
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', RuntimeWarning)  # the fallback's one warning
+        for case, name, args in _two_fault_calls():
+            count += 1
+            compiled = _outcome(lambda: op(name)(*args))
+            reference = _outcome(lambda: fallback._serving(name)(*args))
+            if compiled != reference:
+                differ.append(f'{case}: compiled {compiled}, fallback {reference}')
+    assert count > 250 and not differ, '\n'.join(differ)
+
+
 def test_reference_fallback_serves_good_calls_and_warns_once(monkeypatch):
     monkeypatch.setattr(fallback, '_warned', set())
     q, k, v = (torch.randn(1, 2, 9, 9, 8, dtype=torch.float64) for _ in range(3))

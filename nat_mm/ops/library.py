@@ -24,6 +24,7 @@ import functools
 import inspect
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 NAMESPACE = 'nat_mm'
 SCHEMAS = {
@@ -93,12 +94,15 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 # ---------------------------------------------------------------- fake (meta) kernels
 def _fake(name: str):
-    """Registers a fake kernel of op ``name`` that first checks its tensors share a device.
+    """Registers a fake kernel of op ``name`` that checks its arguments where that is safe.
 
-    A raw call mixing a meta tensor with real ones dispatches here (Meta outranks CPU and
-    CUDA), and the kernel would return uninitialised real tensors; under torch.compile the
-    check catches fake tensors of two devices at trace time. Shapes and dtypes are left to
-    the device kernels (na2d_checks.cpp), so no guard on a symbolic size is made here.
+    A raw call with plain meta tensors (shape inference, a model built on the meta device)
+    dispatches here and is checked as any device's call (``validation.RAW_OP_CHECKS``: the
+    same faults refused with the same error types). So is a call mixing a meta tensor with
+    real ones (Meta outranks CPU and CUDA), which would otherwise return uninitialised real
+    tensors. Under torch.compile and export (fake tensors) only the devices are compared,
+    at trace time: shapes are left to the device kernels (na2d_checks.cpp), so no guard on
+    a symbolic size is made here.
     """
     def register(kernel):
         signature = inspect.signature(kernel)
@@ -109,11 +113,15 @@ def _fake(name: str):
                        signature.bind(*args, **kwargs).arguments.items()
                        if isinstance(value, torch.Tensor)]
             first, first_tensor = tensors[0]
-            for arg, tensor in tensors[1:]:
-                if tensor.device != first_tensor.device:
-                    raise ValueError(  # as the kernels' checks (na2d_checks.cpp)
-                        f'nat_mm: {arg} is on {tensor.device} but {first} is on '
-                        f'{first_tensor.device}: move them to one device')
+            mixed = next(((arg, t) for arg, t in tensors[1:]
+                          if t.device != first_tensor.device), None)
+            if mixed or not isinstance(first_tensor, FakeTensor):
+                from .validation import RAW_OP_CHECKS  # (validation imports this module)
+                RAW_OP_CHECKS[name](*args, **kwargs)
+            if mixed:  # (the checks above refuse it; kept in case they change)
+                raise ValueError(  # as the kernels' checks (na2d_checks.cpp)
+                    f'nat_mm: {mixed[0]} is on {mixed[1].device} but {first} is on '
+                    f'{first_tensor.device}: move them to one device')
             return kernel(*args, **kwargs)
 
         return torch.library.register_fake(qualified(name))(checked)
