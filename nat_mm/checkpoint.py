@@ -51,13 +51,12 @@ def read_checkpoint(filename: str) -> dict:
         return torch.hub.load_state_dict_from_url(filename, map_location='cpu',
                                                   weights_only=True)
     path = os.path.expanduser(filename)
+    if os.path.isfile(path) and not _looks_like_torch_save(path):  # (else torch's own error)
+        raise CheckpointLoadError(f'{filename} is not a PyTorch checkpoint (neither a '
+                                  f'torch.save zip archive nor a pickle)')
     try:
         return safe_torch_load(path, map_location='cpu')
     except pickle.UnpicklingError as error:
-        if not _looks_like_torch_save(path):
-            raise CheckpointLoadError(
-                f'{filename} is not a PyTorch checkpoint (neither a torch.save zip archive '
-                f'nor a pickle)') from None
         raise CheckpointLoadError(
             f'{error}. If you trust the file, extract its weights once with '
             f'`python tools/convert_checkpoint.py --trust-pickle {filename} OUT.pth` and '

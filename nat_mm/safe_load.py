@@ -86,7 +86,7 @@ def checkpoint_attribute(owner, name):
     Returns the plain function (which the unpickler can then store, but not call).
     """
     allowed = _checkpoint_attributes()
-    if isinstance(owner, type) and owner in allowed and name in allowed[owner]:
+    if isinstance(owner, type) and isinstance(name, str) and name in allowed.get(owner, ()):
         member = owner.__dict__.get(name)
         if isinstance(member, staticmethod):  # OneCycle's annealing functions
             member = member.__func__

@@ -228,8 +228,14 @@ def test_convert_tool(tmp_path):
 def test_convert_tool_reports_bad_input_without_a_traceback(tmp_path, capsys):
     convert_checkpoint = import_tool('convert_checkpoint')
     other = save(tmp_path, {'model': {'fc.weight': torch.zeros(2, 2)}})
+    (tmp_path / 'empty.pth').write_bytes(b'')
+    (tmp_path / 'notes.pth').write_text('not a checkpoint')
+    (tmp_path / 'folder.pth').mkdir()
     for src, message in [(other, 'CheckpointLoadError: not a NAT/DiNAT state dict'),
-                         (str(tmp_path / 'missing.pth'), 'FileNotFoundError')]:
+                         (str(tmp_path / 'missing.pth'), 'FileNotFoundError'),
+                         (str(tmp_path / 'empty.pth'), 'is not a PyTorch checkpoint'),
+                         (str(tmp_path / 'notes.pth'), 'is not a PyTorch checkpoint'),
+                         (str(tmp_path / 'folder.pth'), 'IsADirectoryError')]:
         assert convert_checkpoint.main([src, str(tmp_path / 'out.pth')]) == 1
         assert message in capsys.readouterr().err
     assert not (tmp_path / 'out.pth').exists()

@@ -244,7 +244,7 @@ def test_getattr_is_not_a_real_getattr():
                         (os, 'system'), (HistoryBuffer.mean, '__globals__'),
                         (one_cycle, 'step'), (one_cycle, '__init__'), (OneCycleLR, 'step'),
                         (one_cycle, 'mean'), (HistoryBuffer, '_annealing_cos'),
-                        (one_cycle._annealing_cos, '__globals__')]:
+                        (one_cycle._annealing_cos, '__globals__'), (HistoryBuffer, ['min'])]:
         with pytest.raises(safe_load.UnsafeCheckpointError):
             safe_load.checkpoint_attribute(owner, name)
 

@@ -60,7 +60,7 @@ def main(argv=None) -> int:
         model = model.to_empty(device='cpu')
         report = load_backbone_state_dict(model, state_dict, strict=not args.non_strict,
                                           source=args.src, logger=None)  # prints it
-    except (CheckpointLoadError, FileNotFoundError) as error:  # a message, not a traceback
+    except (CheckpointLoadError, OSError) as error:  # a message, not a traceback
         print(f'{type(error).__name__}: {error}', file=sys.stderr)
         return 1
     meta = dict(converted_from=args.src, arch=arch)

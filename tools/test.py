@@ -123,9 +123,8 @@ def main(argv=None):
     adapt_to_cpu(cfg, args.launcher, logger_print=lambda *a: None)
     require_datasets(cfg, ['test'], scope)
     # argument errors before the runner is built (a minute with real data)
-    if not args.checkpoint.startswith(('http://', 'https://')) and not osp.isfile(
-            args.checkpoint):
-        raise SystemExit(f'checkpoint {args.checkpoint!r} not found')
+    if '://' not in args.checkpoint and not osp.isfile(osp.expanduser(args.checkpoint)):
+        raise SystemExit(f'checkpoint {args.checkpoint!r} not found')  # (a URL is mmengine's)
     if args.out is not None and scope == 'mmdet' and not args.out.endswith(
             ('.pkl', '.pickle')):
         raise SystemExit('--out for detection must be a .pkl file')
