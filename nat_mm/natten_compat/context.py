@@ -96,16 +96,16 @@ def get_memory_usage_preference() -> MemoryUsagePreference:
     return _STATE['memory_preference']
 
 
-def is_memory_usage_default() -> bool:
-    return get_memory_usage_preference() is MemoryUsagePreference.Default
+def _preference_is(pref: MemoryUsagePreference):
+    def query() -> bool:
+        return get_memory_usage_preference() is pref
+
+    return query
 
 
-def is_memory_usage_strict() -> bool:
-    return get_memory_usage_preference() is MemoryUsagePreference.Strict
-
-
-def is_memory_usage_unrestricted() -> bool:
-    return get_memory_usage_preference() is MemoryUsagePreference.Unrestricted
+is_memory_usage_default = _preference_is(MemoryUsagePreference.Default)
+is_memory_usage_strict = _preference_is(MemoryUsagePreference.Strict)
+is_memory_usage_unrestricted = _preference_is(MemoryUsagePreference.Unrestricted)
 
 
 def _switch_then_query(use, enabled, mode: bool):
